@@ -1,0 +1,97 @@
+"""Per-request sampling parameters (OpenAI / vLLM semantics)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GREEDY_EPS = 1e-5
+"""Temperatures below this are treated as greedy decoding."""
+
+MAX_LOGPROBS = 20
+"""Largest number of top logprobs a request may ask for."""
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _require_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to sample the completion(s) of one request.
+
+    ``top_k`` of -1 or 0 disables top-k; ``max_tokens=None`` generates until the
+    model's maximum length; ``logprobs=k`` returns the chosen token's logprob plus
+    the top ``k`` alternatives (0 = chosen token only); ``chunk_size`` overrides
+    the Attamba chunk size P for this request. After construction ``stop`` and
+    ``stop_token_ids`` are always lists.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_int("n", self.n, 1)
+        self.temperature = _require_float("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = _require_float("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _require_int("top_k", self.top_k, -1)
+        self.min_p = _require_float("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.max_tokens is not None:
+            _require_int("max_tokens", self.max_tokens, 1)
+
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain non-empty strings, got {s!r}")
+
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        for t in self.stop_token_ids:
+            _require_int("stop_token_ids entries", t, 0)
+
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _require_int("logprobs", self.logprobs, 0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.chunk_size is not None:
+            _require_int("chunk_size", self.chunk_size, 1)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this request decodes greedily (temperature ~ 0)."""
+        return self.temperature < GREEDY_EPS

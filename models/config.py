@@ -1,0 +1,147 @@
+"""Model configuration: one frozen dataclass for Attamba and its baselines, stored as config.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("attamba", "pseudo", "transformer", "sliding", "reduced")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and attention pattern of one model.
+
+    kind:
+      attamba     SSM keys/values, attention to chunk boundaries plus a window of L+1 tokens
+      pseudo      SSM keys/values with full causal attention (the paper's upper bound)
+      transformer Llama layout, Wk/Wv, full causal attention
+      sliding     Llama layout, attention to the last `sliding_window` tokens only
+      reduced     Llama layout with attention width d/P (heads of `reduced_head_dim`)
+    """
+
+    kind: str = "attamba"
+    vocab_size: int = 8192
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    chunk_size: int = 8  # P
+    window: int = 8  # L: a query sees its own position and the L before it
+    ssm_state: int = 128  # N
+    ssm_inner: int = 256  # E
+    ssm_heads: int = 8  # h
+    conv_width: int = 4
+    ffn_hidden: int = 0  # 0: 256 * ceil((2/3 * 4d) / 256)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 1024  # training length
+    sliding_window: int = 0  # W_len for kind "sliding"
+    reduced_head_dim: int = 16
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    chat_template: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.chunk_size < 1 or self.window < 0:
+            raise ValueError("chunk_size must be >= 1 and window >= 0")
+        if self.has_ssm:
+            if self.n_heads * self.head_dim != self.d_model:
+                raise ValueError("SSM keys need n_heads * head_dim == d_model")
+            if self.ssm_inner % self.ssm_heads:
+                raise ValueError("ssm_inner must be divisible by ssm_heads")
+            if self.conv_width < 2:
+                raise ValueError("conv_width must be >= 2")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for RoPE")
+        if self.kind == "sliding" and self.sliding_window < 1:
+            raise ValueError("kind 'sliding' needs sliding_window >= 1")
+        if self.kind == "reduced" and self.attn_dim % self.reduced_head_dim:
+            raise ValueError("d_model / chunk_size must be a multiple of reduced_head_dim")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def has_ssm(self) -> bool:
+        return self.kind in ("attamba", "pseudo")
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of q, k and v (H * D)."""
+        return self.d_model // self.chunk_size if self.kind == "reduced" else self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.reduced_head_dim if self.kind == "reduced" else self.d_model // self.n_heads
+
+    @property
+    def num_attn_heads(self) -> int:
+        return self.attn_dim // self.head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 256 * math.ceil((2 / 3 * 4 * self.d_model) / 256)
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of the SSM's causal conv: [xs | B | C]."""
+        return self.ssm_inner + 2 * self.ssm_state
+
+    def layer_offset(self, layer: int) -> int:
+        """o_l = min(P - 1, l * floor(P / n_layers)): where layer l cuts its chunks."""
+        return min(self.chunk_size - 1, layer * (self.chunk_size // self.n_layers))
+
+    @property
+    def all_boundaries(self) -> bool:
+        """True when every key is kept (full causal attention)."""
+        return self.kind in ("transformer", "pseudo", "reduced")
+
+    @property
+    def attn_window(self) -> int:
+        """Keys s with s >= t - attn_window are visible besides boundaries."""
+        if self.kind == "attamba":
+            return self.window
+        if self.kind == "sliding":
+            return self.sliding_window - 1
+        return 0
+
+    @property
+    def window_slots(self) -> int:
+        """Ring-buffer entries a decoding sequence keeps per layer for the window."""
+        if self.kind == "attamba":
+            return self.window + 1
+        if self.kind == "sliding":
+            return self.sliding_window
+        return 0
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"model_type", "architectures"})
+        if unknown:
+            raise ValueError(f"unknown config fields: {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""Checkpoint directories: config.json + model.safetensors + tokenizer.json."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .lm import LM
+
+WEIGHTS = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded."""
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
+    """Load a checkpoint directory (safetensors only; pickled weights are rejected)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        if any((path / name).exists() for name in PICKLE_NAMES):
+            raise CheckpointError(f"{path}: pickled weights are not loaded for safety; convert them to {WEIGHTS}")
+        raise CheckpointError(f"{path}: missing {WEIGHTS}")
+    cfg = ModelConfig.load(path)
+    with torch.device("meta"):
+        model = LM(cfg)
+    tensors = load_file(str(weights), device=str(device))
+    missing = set(model.state_dict()) - set(tensors)
+    unexpected = set(tensors) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    else:
+        tensors = {k: v.float() for k, v in tensors.items()}
+    model.load_state_dict(tensors, assign=True)
+    return model.eval()
+
+
+def save_checkpoint(model: LM, path: str | Path, tokenizer_file: str | Path | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json, model.safetensors (optionally cast, e.g. to bf16) and tokenizer.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save(path / "config.json")
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (path / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer_file, path / "tokenizer.json")

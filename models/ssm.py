@@ -1,0 +1,197 @@
+"""The chunk-resetting Mamba-2 (SSD) state-space model that produces Attamba's keys and values.
+
+One SSM runs over chunks of at most P tokens and is reset (state and conv history zeroed) at the
+first token of every chunk. Because no state crosses a chunk, the whole-sequence pass needs no
+scan: inside a chunk the recurrence equals its quadratic form over at most P tokens, computed
+for every position at once over a band of width P (`ssd_banded`). `ssd_recurrent_ref` is the
+token-by-token recurrence it must equal, and `ChunkSSM.step` the one-token decode update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import RMSNorm, chunk_start, trunc_normal_
+
+
+@dataclass
+class SSMState:
+    """Decode state of one SSM for a batch of sequences."""
+
+    conv: Tensor  # [B, C, W-1] raw conv inputs of the last W-1 tokens (C = E + 2N)
+    ssm: Tensor  # [B, h, E/h, N] fp32 recurrent state
+
+    def nbytes(self) -> int:
+        return self.conv.nelement() * self.conv.element_size() + self.ssm.nelement() * self.ssm.element_size()
+
+
+def chunk_ids(pos: Tensor, chunk_size: int, offset: int) -> Tensor:
+    """Ids that are equal exactly for positions of one chunk; negative positions get unique ids."""
+    starts = chunk_start(pos.clamp(min=0), chunk_size, offset) | (pos < 0)
+    return torch.cumsum(starts.long(), -1)
+
+
+def causal_conv_reset(xh: Tensor, weight: Tensor, cid: Tensor) -> Tensor:
+    """Depthwise causal conv that sees only inputs of the output position's own chunk.
+
+    xh: [B, W-1+T, C] (history then new inputs), weight: [C, W], cid: [W-1+T] chunk ids.
+    Returns [B, T, C].
+    """
+    width = weight.shape[1]
+    win = xh.unfold(1, width, 1)  # [B, T, C, W]: win[..., k] is input t-(W-1-k)
+    same = cid.unfold(0, width, 1) == cid[width - 1 :, None]  # [T, W]
+    return torch.einsum("btck,ck,tk->btc", win, weight.to(xh.dtype), same.to(xh.dtype))
+
+
+def ssd_banded(
+    x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, cid: Tensor, chunk_size: int,
+    init_state: Tensor | None = None, cont: Tensor | None = None, last: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """SSD with per-chunk resets as a band of width P (no D skip).
+
+    x: [B, T, h, p], dt: [B, T, h] (after softplus), A: [h] (negative), Bm, Cm: [B, T, N],
+    cid: [T] chunk ids. init_state [B, h, p, N] feeds positions with cont[t] True (the chunk
+    the previous call ended in). last: [B] index of each row's last valid token; when given,
+    the state after that token is returned too.
+    Returns y [B, T, h, p] and the final state [B, h, p, N] (or None).
+    """
+    P = chunk_size
+    bsz, T, h, p = x.shape
+    dA = dt * A  # [B, T, h]
+    pad = (0, 0, P - 1, 0)
+    B_unf = F.pad(Bm, pad).unfold(1, P, 1)  # [B, T, N, P]; [..., k] is source s = t-(P-1-k)
+    dA_unf = F.pad(dA, pad).unfold(1, P, 1)  # [B, T, h, P]
+    dt_unf = F.pad(dt, pad).unfold(1, P, 1)  # [B, T, h, P]
+    x_unf = F.pad(x.flatten(2), pad).unfold(1, P, 1).view(bsz, T, h, p, P)  # [B, T, h, p, P]
+    cid_pad = torch.cat([torch.full((P - 1,), -1, dtype=cid.dtype, device=cid.device) - torch.arange(P - 1, device=cid.device), cid])
+    same = cid_pad.unfold(0, P, 1) == cid[:, None]  # [T, P]
+    # log-decay from source s to t: sum of dA over (s, t] = sum of dA_unf[k+1:]
+    seg = dA_unf.flip(-1).cumsum(-1).flip(-1) - dA_unf  # [B, T, h, P]
+    CB = torch.einsum("btn,btnk->btk", Cm, B_unf)  # [B, T, P]
+    w = CB[:, :, None, :] * torch.exp(seg) * dt_unf * same.to(x.dtype)[:, None, :]  # [B, T, h, P]
+    y = torch.einsum("bthk,bthpk->bthp", w, x_unf)
+    if init_state is not None:
+        decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype)[None, :, None]  # [B, T, h]
+        y = y + torch.einsum("bhpn,btn->bthp", init_state, Cm) * decay0[..., None]
+    final = None
+    if last is not None:
+        rows = torch.arange(bsz, device=x.device)
+        wl = torch.exp(seg[rows, last]) * dt_unf[rows, last] * same[last].to(x.dtype)[:, None, :]  # [B, h, P]
+        final = torch.einsum("bhk,bhpk,bnk->bhpn", wl, x_unf[rows, last], B_unf[rows, last])
+        if init_state is not None:
+            final = final + init_state * (decay0[rows, last])[:, :, None, None]
+    return y, final
+
+
+def ssd_recurrent_ref(
+    x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, reset: Tensor, init_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token-by-token reference of `ssd_banded`: S_t = exp(dt A) S_{t-1} + dt x B^T, y = S C.
+
+    reset: [T] bool, True where the state is zeroed before the token. Returns y and final state.
+    """
+    bsz, T, h, p = x.shape
+    S = x.new_zeros(bsz, h, p, Bm.shape[-1]) if init_state is None else init_state.clone()
+    ys = []
+    for t in range(T):
+        if reset[t]:
+            S = torch.zeros_like(S)
+        S = S * torch.exp(dt[:, t] * A)[:, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, None, None, :]
+        ys.append(torch.einsum("bhpn,bn->bhp", S, Cm[:, t]))
+    return torch.stack(ys, 1), S
+
+
+class ChunkSSM(nn.Module):
+    """Mamba-2 style SSM (one group, scalar A per head) whose state resets at every chunk start."""
+
+    def __init__(self, d_model: int, d_inner: int, d_state: int, n_heads: int, conv_width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.d_inner, self.d_state, self.n_heads, self.conv_width = d_inner, d_state, n_heads, conv_width
+        self.head_dim = d_inner // n_heads
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + n_heads, bias=False)  # [z | xs | B | C | dt]
+        self.conv_weight = nn.Parameter(torch.empty(d_inner + 2 * d_state, conv_width))  # over [xs | B | C]
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.D = nn.Parameter(torch.ones(n_heads))
+        self.norm = RMSNorm(d_inner, eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.in_proj.weight, self.in_proj.in_features**-0.5)
+        trunc_normal_(self.out_proj.weight, self.out_proj.in_features**-0.5)
+        trunc_normal_(self.conv_weight, 0.5)
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 2.0).log())
+            self.D.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        E, N = self.d_inner, self.d_state
+        return zxbcdt[..., :E], zxbcdt[..., E : 2 * E + 2 * N], zxbcdt[..., 2 * E + 2 * N :]
+
+    def _output(self, y: Tensor, z: Tensor) -> Tensor:
+        return self.out_proj(self.norm(y * F.silu(z)))
+
+    def empty_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> SSMState:
+        return SSMState(
+            conv=torch.zeros(batch, self.d_inner + 2 * self.d_state, self.conv_width - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def forward(
+        self, u: Tensor, pos: Tensor, chunk_size: int, offset: int,
+        state: SSMState | None = None, last: Tensor | None = None,
+    ) -> tuple[Tensor, SSMState | None]:
+        """Whole-sequence pass. u: [B, T, d] at positions pos: [T] (consecutive, shared by rows).
+
+        state: the decode state before pos[0] (None: fresh). last: [B] index of each row's last
+        valid token; when given, the state after it is returned for decoding.
+        """
+        bsz, T, _ = u.shape
+        E, N, h, p, W = self.d_inner, self.d_state, self.n_heads, self.head_dim, self.conv_width
+        z, xbc, dt = self._split(self.in_proj(u))
+        ext_pos = torch.arange(-(W - 1), T, device=u.device) + pos[0]  # history positions, then pos
+        cid = chunk_ids(ext_pos, chunk_size, offset)
+        hist = state.conv.transpose(1, 2).to(xbc.dtype) if state is not None else xbc.new_zeros(bsz, W - 1, xbc.shape[-1])
+        xh = torch.cat([hist, xbc], 1)  # [B, W-1+T, C]
+        xbc = F.silu(causal_conv_reset(xh, self.conv_weight, cid))
+        xs, Bm, Cm = xbc[..., :E], xbc[..., E : E + N], xbc[..., E + N :]
+        dt = F.softplus(dt.float())  # [B, T, h]
+        A = -torch.exp(self.A_log.float())
+        cont = None
+        if state is not None and pos[0] > 0:
+            cont = cid[W - 1 :] == cid[W - 2]  # still in the chunk the previous call ended in
+        x = xs.float().view(bsz, T, h, p)
+        y, final = ssd_banded(
+            x, dt, A, Bm.float(), Cm.float(), cid[W - 1 :], chunk_size,
+            init_state=state.ssm if cont is not None else None, cont=cont, last=last,
+        )
+        y = (y + x * self.D.float()[:, None]).reshape(bsz, T, E).to(u.dtype)
+        new_state = None
+        if last is not None:
+            idx = last[:, None] + torch.arange(W - 1, device=u.device) + 1  # ext index of the last W-1 tokens
+            conv = torch.gather(xh, 1, idx[..., None].expand(-1, -1, xh.shape[-1]))  # [B, W-1, C]
+            conv = conv * (cid[idx] == cid[last + W - 1][:, None]).to(conv.dtype)[..., None]  # own chunk only
+            conv = conv.transpose(1, 2)
+            new_state = SSMState(conv=conv.contiguous(), ssm=final)
+        return self._output(y, z), new_state
+
+    def step(self, u: Tensor, reset: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
+        """One token per row. u: [B, d]; reset: [B] bool (zero the state first). Returns y [B, d]."""
+        bsz = u.shape[0]
+        E, N, h, p = self.d_inner, self.d_state, self.n_heads, self.head_dim
+        z, xbc, dt = self._split(self.in_proj(u))
+        conv_prev = torch.where(reset[:, None, None], 0.0, state.conv.to(u.dtype))
+        win = torch.cat([conv_prev, xbc[:, :, None]], -1)  # [B, C, W]
+        conv = win[:, :, 1:]
+        xbc = F.silu((win * self.conv_weight.to(u.dtype)).sum(-1))
+        xs, Bm, Cm = xbc[:, :E].float().view(bsz, h, p), xbc[:, E : E + N].float(), xbc[:, E + N :].float()
+        dt = F.softplus(dt.float())  # [B, h]
+        dA = torch.exp(dt * -torch.exp(self.A_log.float()))
+        S_prev = torch.where(reset[:, None, None, None], 0.0, state.ssm)
+        S = S_prev * dA[:, :, None, None] + (dt[:, :, None] * xs)[..., None] * Bm[:, None, None, :]
+        y = torch.einsum("bhpn,bn->bhp", S, Cm) + xs * self.D.float()[:, None]
+        return self._output(y.reshape(bsz, E).to(u.dtype), z), SSMState(conv=conv.to(state.conv.dtype), ssm=S)
+

@@ -1,0 +1,181 @@
+"""Explicit decode state for the reference (non-paged) path, and exact cache-size accounting.
+
+Per layer a sequence keeps: the boundary K/V seen so far (every K/V for full-attention kinds),
+a ring of `window_slots` recent K/V (attamba: L+1, sliding: W_len), and for SSM kinds the two
+SSMs' recurrent and conv states. Boundary entries are stored when produced, so a boundary that
+is also in the window is read once, from the boundary list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attention import block_attention, gathered_attention
+from .config import ModelConfig
+from .layers import num_boundaries
+from .lm import LM, LayerSSMState
+
+
+@dataclass
+class LayerKV:
+    """Keys/values one layer keeps for a batch of sequences."""
+
+    bnd_k: Tensor  # [B, M, H, D] boundary keys (after RoPE), M = capacity
+    bnd_v: Tensor  # [B, M, H, D]
+    bnd_len: Tensor  # [B] entries in use
+    win_k: Tensor  # [B, W, H, D] ring buffer, slot = position % W
+    win_v: Tensor  # [B, W, H, D]
+    win_pos: Tensor  # [B, W] position held by each slot, -1 when empty
+
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in (self.bnd_k, self.bnd_v, self.win_k, self.win_v))
+
+
+@dataclass
+class LayerState:
+    kv: LayerKV
+    ssm: LayerSSMState | None
+
+
+@dataclass
+class DecodeState:
+    """Everything decoding needs for a batch: per-row next position and per-layer state."""
+
+    pos: Tensor  # [B] tokens consumed so far = position of the next token
+    layers: list[LayerState]
+
+    def cache_nbytes(self) -> int:
+        """Bytes of cached K/V, SSM and conv tensors (index bookkeeping excluded)."""
+        return sum(ls.kv.nbytes() + (ls.ssm.nbytes() if ls.ssm else 0) for ls in self.layers)
+
+
+def state_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16, ssm_dtype: torch.dtype = torch.float32,
+                conv_dtype: torch.dtype | None = None) -> int:
+    """Exact bytes one sequence of n tokens holds in the decode cache of model `cfg`."""
+    kv_b = torch.empty(0, dtype=kv_dtype).element_size()
+    entry = 2 * cfg.attn_dim * kv_b  # one K and one V
+    total = 0
+    for layer in range(cfg.n_layers):
+        if cfg.kind == "attamba":
+            total += num_boundaries(n, cfg.chunk_size, cfg.layer_offset(layer)) * entry
+        elif cfg.all_boundaries:
+            total += n * entry
+        total += cfg.window_slots * entry
+        if cfg.has_ssm:
+            conv_b = torch.empty(0, dtype=conv_dtype or kv_dtype).element_size()
+            ssm_b = torch.empty(0, dtype=ssm_dtype).element_size()
+            total += 2 * (cfg.ssm_inner * cfg.ssm_state * ssm_b + cfg.conv_channels * (cfg.conv_width - 1) * conv_b)
+    return total
+
+
+def full_kv_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16) -> int:
+    """Bytes a full-KV transformer with the same width and depth holds for n tokens."""
+    return cfg.n_layers * n * 2 * cfg.d_model * torch.empty(0, dtype=kv_dtype).element_size()
+
+
+def _write(kv: LayerKV, cfg: ModelConfig, is_bnd: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
+    """Store one new K/V per row at positions pos [B] (k, v: [B, H, D])."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    if bool(is_bnd.any()):
+        need = int((kv.bnd_len + is_bnd.long()).max())
+        if need > kv.bnd_k.shape[1]:  # grow to exactly what is needed
+            extra = need - kv.bnd_k.shape[1]
+            kv.bnd_k = torch.cat([kv.bnd_k, kv.bnd_k.new_zeros(k.shape[0], extra, *k.shape[1:])], 1)
+            kv.bnd_v = torch.cat([kv.bnd_v, kv.bnd_v.new_zeros(k.shape[0], extra, *k.shape[1:])], 1)
+        r = rows[is_bnd]
+        kv.bnd_k[r, kv.bnd_len[r]] = k[r].to(kv.bnd_k.dtype)
+        kv.bnd_v[r, kv.bnd_len[r]] = v[r].to(kv.bnd_v.dtype)
+        kv.bnd_len += is_bnd.long()
+    if cfg.window_slots:
+        slot = pos % cfg.window_slots
+        kv.win_k[rows, slot] = k.to(kv.win_k.dtype)
+        kv.win_v[rows, slot] = v.to(kv.win_v.dtype)
+        kv.win_pos[rows, slot] = pos
+
+
+def _decode_attend(model: LM, state: DecodeState) -> callable:
+    cfg = model.config
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        kv = state.layers[layer].kv
+        key_is_bnd = model.blocks[layer].attn.key_is_boundary
+        _write(kv, cfg, key_is_bnd(pos), k, v, pos)
+        m = kv.bnd_k.shape[1]
+        keys, vals = [kv.bnd_k], [kv.bnd_v]
+        valid = [torch.arange(m, device=q.device)[None, :] < kv.bnd_len[:, None]]
+        if cfg.window_slots:
+            wp = kv.win_pos
+            valid.append((wp >= 0) & (wp >= pos[:, None] - cfg.attn_window) & ~key_is_bnd(wp))
+            keys.append(kv.win_k)
+            vals.append(kv.win_v)
+        return gathered_attention(q, torch.cat(keys, 1), torch.cat(vals, 1), torch.cat(valid, 1))
+
+    return attend
+
+
+@torch.no_grad()
+def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
+            kv_dtype: torch.dtype | None = None) -> tuple[Tensor, DecodeState]:
+    """Run right-padded prompts [B, T] (row b has lengths[b] real tokens, >= 1).
+
+    Returns the logits [B, T, V] and the decode state after each row's last real token.
+    """
+    cfg = model.config
+    bsz, T = input_ids.shape
+    dev = input_ids.device
+    lengths = torch.full((bsz,), T, device=dev) if lengths is None else lengths.to(dev)
+    kv_dtype = kv_dtype or model.embed.weight.dtype
+    layers: list[LayerKV] = []
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        is_bnd = model.blocks[layer].attn.key_is_boundary(pos)
+        layers.append(_collect(cfg, k, v, pos, is_bnd, lengths, kv_dtype))
+        return block_attention(q, k, v, pos, pos, is_bnd, cfg.attn_window)
+
+    hidden, ssm = model.extend(input_ids, 0, None, lengths - 1, attend)
+    state = DecodeState(
+        pos=lengths.clone(),
+        layers=[LayerState(kv, ssm[i] if ssm else None) for i, kv in enumerate(layers)],
+    )
+    return model.logits(hidden), state
+
+
+def _collect(cfg: ModelConfig, k: Tensor, v: Tensor, pos: Tensor, is_bnd: Tensor, lengths: Tensor,
+             kv_dtype: torch.dtype) -> LayerKV:
+    """Build one layer's cache from a prefill's K/V [B, T, H, D]."""
+    bsz = k.shape[0]
+    H, D = k.shape[2:]
+    dev = k.device
+    counts = torch.stack([is_bnd[: int(n)].sum() for n in lengths])
+    m = int(counts.max())
+    bnd_k = k.new_zeros(bsz, m, H, D, dtype=kv_dtype)
+    bnd_v = torch.zeros_like(bnd_k)
+    for b in range(bsz):
+        sel = is_bnd & (pos < lengths[b])
+        bnd_k[b, : int(counts[b])] = k[b, sel]
+        bnd_v[b, : int(counts[b])] = v[b, sel]
+    W = cfg.window_slots
+    win_k = k.new_zeros(bsz, W, H, D, dtype=kv_dtype)
+    win_v = torch.zeros_like(win_k)
+    win_pos = torch.full((bsz, W), -1, dtype=torch.long, device=dev)
+    for b in range(bsz):
+        n = int(lengths[b])
+        p = torch.arange(max(0, n - W), n, device=dev)
+        win_k[b, p % W] = k[b, p].to(kv_dtype)
+        win_v[b, p % W] = v[b, p].to(kv_dtype)
+        win_pos[b, p % W] = p
+    return LayerKV(bnd_k, bnd_v, counts.to(dev), win_k, win_v, win_pos)
+
+
+@torch.no_grad()
+def decode_step(model: LM, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+    """Feed one token per row at the row's next position -> logits [B, V]; updates state in place."""
+    ssm_in = [ls.ssm for ls in state.layers] if model.config.has_ssm else None
+    logits, ssm_out = model.step(tokens, state.pos, ssm_in, _decode_attend(model, state))
+    if ssm_out is not None:
+        for ls, st in zip(state.layers, ssm_out):
+            ls.ssm = st
+    state.pos = state.pos + 1
+    return logits, state
