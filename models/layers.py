@@ -65,10 +65,8 @@ def chunk_start(pos: Tensor, chunk_size: int, offset: int) -> Tensor:
     return (pos == 0) | ((pos >= 1) & is_boundary(pos - 1, chunk_size, offset))
 
 
-def num_boundaries(n: int, chunk_size: int, offset: int) -> int:
-    """|{b in B_l : b < n}|, the boundary entries a sequence of n tokens keeps."""
-    if n <= 0:
-        return 0
+def num_boundaries(n, chunk_size: int, offset: int):
+    """|{b in B_l : b < n}|, the boundary entries a sequence of n tokens keeps (int or Tensor n)."""
     # boundaries (k+1)P - 1 - o for k >= 0, below n; the one at 0 (o = P-1) is the {0} itself
-    rest = (n + offset) // chunk_size - (1 if offset == chunk_size - 1 else 0)
-    return 1 + rest
+    count = 1 + (n + offset) // chunk_size - (1 if offset == chunk_size - 1 else 0)
+    return count * (n > 0)

@@ -18,8 +18,12 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded."""
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
-    """Load a checkpoint directory (safetensors only; pickled weights are rejected)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **overrides) -> LM:
+    """Load a checkpoint directory (safetensors only; pickled weights are rejected).
+
+    overrides replace config fields that do not change the weights (e.g. chunk_size for attamba).
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
@@ -28,7 +32,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if any((path / name).exists() for name in PICKLE_NAMES):
             raise CheckpointError(f"{path}: pickled weights are not loaded for safety; convert them to {WEIGHTS}")
         raise CheckpointError(f"{path}: missing {WEIGHTS}")
-    cfg = ModelConfig.load(path)
+    cfg = ModelConfig.load(path).replace(**overrides)
     with torch.device("meta"):
         model = LM(cfg)
     tensors = load_file(str(weights), device=str(device))

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|user|>", "<|assistant|>", "<|system|>")
@@ -21,7 +21,7 @@ def train_tokenizer(
     """Train a lossless byte-level BPE tokenizer; a single string is trained on line by line."""
     if isinstance(texts, str):
         texts = texts.splitlines(keepends=True)
-    tok = tokenizers.Tokenizer(models.BPE())
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

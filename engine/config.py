@@ -1,0 +1,79 @@
+"""Engine settings: one frozen dataclass, with the CLI flags named as in vLLM."""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, fields
+
+import torch
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '512MB', '1e9' or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse a byte size from {text!r} (try 2GiB or 500MB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"byte size must be positive, got {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How the engine sizes its cache and batches."""
+
+    model: str = "checkpoints/attamba-wt2"
+    max_num_seqs: int = 32  # most sequences running at once
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    cache_memory: int = 1 << 30  # bytes for the whole cache (boundary blocks + state slots)
+    max_model_len: int | None = None  # prompt + output cap; default: 8x the training length
+    block_size: int = 16  # boundary (or KV) entries per cache block
+    device: str = "cpu"
+    dtype: str = "float32"  # weights and cached K/V
+    max_waiting: int = 256  # waiting-queue bound; add_request beyond it raises QueueFull
+    chunk_size: int | None = None  # Attamba P override for the whole engine (attamba kind only)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but no CUDA device is available")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags shared by serve, generate and bench."""
+    d = EngineArgs()
+    parser.add_argument("--model", default=d.model, help="checkpoint directory")
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    parser.add_argument("--cache-memory", type=parse_bytes, default=d.cache_memory, help="bytes, e.g. 2GiB")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=d.block_size)
+    parser.add_argument("--chunk-size", type=int, default=None, help="Attamba P override")
+    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
+    parser.add_argument("--max-waiting", type=int, default=d.max_waiting)
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    names = {f.name for f in fields(EngineArgs)}
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})

@@ -1,0 +1,127 @@
+"""The engine end to end: batched cached generation == argmax of the full forward pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import LLM, ContextLengthExceeded, EngineArgs, LLMEngine, QueueFull, SamplingParams
+from engine.cache_manager import CacheLayout
+from models import load_model, state_bytes
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Repeated argmax of the full forward pass (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["attamba", "transformer", "sliding", "pseudo"])
+def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str) -> None:
+    path = ckpt_factory(kind)
+    model = load_model(path)
+    prompts = prompts_of([1, 3, 9, 31, 70], model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    # small chunks, small budget: chunked prefill mixed with decodes, and preemption
+    layout = CacheLayout(model.config, 4, torch.float32)
+    budget = 4 * layout.slot_bytes + layout.block_bytes * (layout.blocks(82) + 1)  # one long sequence and a bit
+    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, cache_memory=budget, max_num_seqs=4)
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == greedy_reference(model, prompt, 12)
+        assert out.finish_reason == "length"
+    if kind != "sliding":  # a sliding window needs no blocks, so it never runs out
+        assert llm.engine.scheduler.num_preemptions > 0  # the budget really forced recomputation
+    assert llm.engine.cache.all_free()
+
+
+def test_chunk_size_override_matches_reference(tiny_ckpt) -> None:
+    model = load_model(tiny_ckpt, chunk_size=2)
+    prompts = prompts_of([5, 17], model.config.vocab_size, seed=1)
+    llm = LLM(str(tiny_ckpt), chunk_size=2, max_num_batched_tokens=8)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [greedy_reference(model, p, 6) for p in prompts]
+
+
+def test_cache_accounting_matches_state_bytes(tiny_ckpt) -> None:
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=1))
+    engine.add_request("a", list(range(5, 45)), SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()  # prefill of 40 tokens -> the first token is sampled, 40 computed
+    stats = engine.stats()
+    assert stats.cache_bytes_used == state_bytes(engine.config, 40, torch.float32)
+    assert stats.cache_bytes_full_kv_equivalent > stats.cache_bytes_used
+
+
+def test_sampling_is_seeded_and_top_k1_is_greedy(tiny_ckpt) -> None:
+    llm = LLM(str(tiny_ckpt))
+    prompt = "The history of"
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    topk1 = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=1, max_tokens=10, ignore_eos=True))[0]
+    assert topk1.token_ids == greedy.token_ids
+    p = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    a = llm.generate([prompt, "other prompt"], p)[0]
+    b = llm.generate(["x", prompt], p)[1]
+    assert a.token_ids == b.token_ids
+    n3 = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True))[0]
+    assert len(n3.outputs) == 3 and len({tuple(o.token_ids) for o in n3.outputs}) > 1
+
+
+def test_stop_strings_and_logprobs(tiny_ckpt) -> None:
+    llm = LLM(str(tiny_ckpt))
+    base = llm.generate(["In 1914"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    stop = base.text[5:8]
+    assert stop and stop not in base.text[:5]
+    cut = llm.generate(["In 1914"], SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.index(stop)]
+    lp = llm.generate(["In 1914"], SamplingParams(temperature=0, max_tokens=4, logprobs=2, ignore_eos=True))[0]
+    assert len(lp.outputs[0].logprobs) == 4 and all(v <= 0 for v in lp.outputs[0].logprobs)
+    assert all(len(t) == 2 for t in lp.outputs[0].top_logprobs)
+    stop_tok = llm.generate(["In 1914"], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[base.token_ids[3]]))[0]
+    assert stop_tok.token_ids == base.token_ids[:4] and stop_tok.finish_reason == "stop"
+
+
+def test_bad_requests_are_rejected_before_queuing(tiny_ckpt) -> None:
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), max_model_len=64, max_waiting=2))
+    with pytest.raises(ContextLengthExceeded):
+        engine.add_request("a", list(range(10, 60)), SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError):
+        engine.add_request("b", [], SamplingParams())
+    with pytest.raises(ValueError):
+        engine.add_request("c", [10**6], SamplingParams())
+    engine.add_request("d", "hello", SamplingParams(n=2))
+    with pytest.raises(QueueFull):
+        engine.add_request("e", "hello", SamplingParams())
+    assert len(engine.scheduler.waiting) == 2
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(1, 40), st.integers(1, 8)),
+                    min_size=1, max_size=25))
+def test_random_add_step_abort_frees_everything(tiny_ckpt, ops) -> None:
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=2, max_num_batched_tokens=12, max_num_seqs=3,
+                                  cache_memory=60_000, max_waiting=100))
+    live: list[str] = []
+    for i, (op, length, max_tokens) in enumerate(ops):
+        if op == "add":
+            rid = f"r{i}"
+            engine.add_request(rid, list(range(4, 4 + length)), SamplingParams(max_tokens=max_tokens, n=1 + length % 2))
+            live.append(rid)
+        elif op == "step":
+            engine.step()
+        elif live:
+            engine.abort_request(live.pop(length % len(live)))
+    for _ in range(400):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert not engine.has_unfinished()
+    assert engine.cache.all_free() and engine.stats().cache_bytes_used == 0
