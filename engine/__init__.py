@@ -7,3 +7,6 @@ from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "ContextLengthExceeded", "EngineArgs", "EngineStats", "LLMEngine",
            "QueueFull", "RequestOutput", "SamplingParams", "StreamDelta"]
+from .async_engine import AsyncEngine  # noqa: E402
+
+__all__.append("AsyncEngine")

@@ -125,3 +125,40 @@ def test_random_add_step_abort_frees_everything(tiny_ckpt, ops) -> None:
         engine.step()
     assert not engine.has_unfinished()
     assert engine.cache.all_free() and engine.stats().cache_bytes_used == 0
+
+
+def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
+    import asyncio
+
+    from engine import AsyncEngine
+
+    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt)))
+    eng.start()
+    try:
+        async def collect(rid: str, params: SamplingParams) -> list:
+            return [d async for d in eng.generate(rid, eng.encode_prompt("The history of"), params)]
+
+        async def abort_early() -> None:
+            stream = eng.generate("b", eng.encode_prompt("In 1914"), SamplingParams(max_tokens=500, ignore_eos=True))
+            async for _ in stream:
+                break
+            await stream.aclose()
+
+        async def main() -> None:
+            deltas = await collect("a", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            assert deltas[-1].finish_reason == "length" and sum(len(d.token_ids) for d in deltas) == 8
+            await abort_early()
+            for _ in range(100):
+                stats = eng.stats()
+                if stats.num_running + stats.num_waiting == 0 and stats.cache_bytes_used == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert eng.stats().cache_bytes_used == 0
+
+        asyncio.run(main())
+        llm_text = LLM(str(tiny_ckpt)).generate("The history of", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+        deltas = asyncio.run(collect("c", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
+        assert "".join(d.text for d in deltas) == llm_text
+    finally:
+        eng.shutdown()
+    assert not eng.is_alive
