@@ -7,8 +7,8 @@ Cache tensors (L = layers, H x D = attention heads, S = state slots):
   ssm             [L, 2, S, h, E/h, N] fp32           K-SSM and V-SSM recurrent states
   conv            [L, 2, S, E + 2N, conv_width - 1]   their conv histories
 Sequences carry only block tables and a slot index. Prefill chunks run one sequence at a time
-through `LM.extend`; decodes run batched through `LM.step`. Attention goes through
-`kernels.ops`, which picks the fused kernels on CUDA and the PyTorch references elsewhere.
+through `LM.extend`; decodes run batched through `LM.step`. Both reach the cache only through the
+`attend` callbacks below and the SSM state gather/scatter, the seams where fused kernels plug in.
 """
 from __future__ import annotations
 

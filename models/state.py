@@ -117,10 +117,11 @@ def _decode_attend(model: LM, state: DecodeState) -> callable:
 
 @torch.no_grad()
 def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
-            kv_dtype: torch.dtype | None = None) -> tuple[Tensor, DecodeState]:
+            kv_dtype: torch.dtype | None = None, reserve: int = 0) -> tuple[Tensor, DecodeState]:
     """Run right-padded prompts [B, T] (row b has lengths[b] real tokens, >= 1).
 
     Returns the logits [B, T, V] and the decode state after each row's last real token.
+    reserve: boundary capacity to preallocate for that many future tokens (else grown exactly).
     """
     cfg = model.config
     bsz, T = input_ids.shape
@@ -131,7 +132,8 @@ def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         is_bnd = model.blocks[layer].attn.key_is_boundary(pos)
-        layers.append(_collect(cfg, k, v, pos, is_bnd, lengths, kv_dtype))
+        extra = int(model.blocks[layer].attn.key_is_boundary(torch.arange(T, T + reserve, device=dev)).sum())
+        layers.append(_collect(cfg, k, v, pos, is_bnd, lengths, kv_dtype, extra))
         return block_attention(q, k, v, pos, pos, is_bnd, cfg.attn_window)
 
     hidden, ssm = model.extend(input_ids, 0, None, lengths - 1, attend)
@@ -143,13 +145,13 @@ def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
 
 
 def _collect(cfg: ModelConfig, k: Tensor, v: Tensor, pos: Tensor, is_bnd: Tensor, lengths: Tensor,
-             kv_dtype: torch.dtype) -> LayerKV:
+             kv_dtype: torch.dtype, extra: int = 0) -> LayerKV:
     """Build one layer's cache from a prefill's K/V [B, T, H, D]."""
     bsz = k.shape[0]
     H, D = k.shape[2:]
     dev = k.device
     counts = torch.stack([is_bnd[: int(n)].sum() for n in lengths])
-    m = int(counts.max())
+    m = int(counts.max()) + extra
     bnd_k = k.new_zeros(bsz, m, H, D, dtype=kv_dtype)
     bnd_v = torch.zeros_like(bnd_k)
     for b in range(bsz):

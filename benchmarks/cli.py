@@ -1,0 +1,58 @@
+"""`attamba bench {model,engine}`: print JSON and write it (and a plot) to docs/."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from engine.config import parse_bytes
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", required=True)
+    m = sub.add_parser("model", help="forward tokens/s, step latency and cache bytes: attamba vs transformer")
+    m.add_argument("--lengths", type=_ints, default=[512, 2048, 8192])
+    m.add_argument("--steps", type=int, default=16, help="decode steps timed per length")
+    m.add_argument("--repeat", type=int, default=3)
+    m.add_argument("--chunk-size", type=int, default=8)
+    e = sub.add_parser("engine", help="capacity and decode throughput in this engine, vs HF transformers")
+    e.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    e.add_argument("--contexts", type=_ints, default=[1024, 4096])
+    e.add_argument("--capacity-contexts", type=_ints, default=[1024, 4096, 16384])
+    e.add_argument("--budget", type=parse_bytes, default=parse_bytes("1GiB"), help="cache budget for capacity")
+    e.add_argument("--steps", type=int, default=8)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers reference")
+    for p in (m, e):
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        p.add_argument("--out", type=Path, default=Path("docs"), help="directory for the JSON and the plot")
+        p.add_argument("--no-plot", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.suite == "model":
+        from .model_bench import bench_model
+
+        result = bench_model(args.lengths, ["attamba", "transformer"], args.steps, args.repeat, args.chunk_size)
+    else:
+        from .engine_bench import bench_engine, plot_engine
+
+        result = bench_engine(args.batches, args.contexts, args.capacity_contexts, args.budget, args.steps,
+                              args.dtype, hf=not args.no_hf)
+        if not args.no_plot:
+            plot_engine(result, args.out / "bench-engine.png")
+    (args.out / f"bench-{args.suite}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,169 @@
+"""`attamba bench engine`: Attamba against the full-KV transformer inside this engine, and against
+Hugging Face transformers' decoding of a Llama with the same dims.
+
+- capacity: how many sequences of a given context the allocator admits in a fixed budget;
+- decode throughput at batch 1/8/32 and 1k/4k context. Contexts are filled synthetically
+  (blocks allocated, cache contents left zero): a decode step costs the same whatever the
+  cached values, and this keeps the benchmark from spending minutes in prefill;
+- cache bytes per sequence against context length.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine import EngineArgs, LLMEngine, SamplingParams
+from engine.cache_manager import CacheLayout, CacheManager
+from engine.sequence import Sequence, SeqStatus
+from models import build_model, full_kv_bytes, save_checkpoint, state_bytes
+from models.tokenizer import Tokenizer, train_tokenizer
+
+from .model_bench import paper_config
+
+
+def capacity(kind: str, contexts: list[int], budget: int, dtype: torch.dtype, block_size: int = 16) -> dict[int, int]:
+    """Sequences of each context length the cache manager admits within `budget` bytes."""
+    layout = CacheLayout(paper_config(kind), block_size, dtype)
+    result = {}
+    for n in contexts:
+        per_seq = layout.slot_bytes + layout.blocks(n) * layout.block_bytes
+        cache = CacheManager.from_budget(layout, budget, max_num_seqs=max(1, budget // per_seq))
+        count = 0
+        while True:
+            seq = Sequence("cap", 0, [0], SamplingParams(), 1, decoder=None)
+            if not cache.can_allocate(seq, n):
+                break
+            cache.allocate(seq, n)
+            count += 1
+        result[n] = count
+    return result
+
+
+def _checkpoint(root: Path, kind: str) -> Path:
+    """A random-weight checkpoint with the paper's dims and a throwaway tokenizer."""
+    tok = root / "tokenizer.json"
+    if not tok.exists():
+        Tokenizer(train_tokenizer(" ".join(f"word{i % 997}" for i in range(5000)), vocab_size=512)).save(tok)
+    path = root / kind
+    save_checkpoint(build_model(paper_config(kind), seed=0), path, tok)
+    return path
+
+
+def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
+    """Put `batch` running sequences with `ctx` cached tokens into the engine, ready to decode."""
+    W = engine.config.window_slots
+    for i in range(batch):
+        seq = Sequence(f"fill{i}", 0, [5] * ctx, SamplingParams(max_tokens=steps + 2, ignore_eos=True), steps + 2,
+                       engine.tokenizer.incremental_decoder())
+        engine.cache.allocate(seq, ctx + steps + 1)
+        seq.num_computed = ctx
+        seq.output_ids = [7]
+        seq.status = SeqStatus.RUNNING
+        engine.scheduler.running.append(seq)
+        engine.requests[seq.request_id] = [seq]
+        if W:
+            pos = torch.arange(ctx - W, ctx)
+            engine.runner.win_pos[seq.slot, pos % W] = pos
+
+
+def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
+    """Decode tokens/s of this engine at a batch and context."""
+    layout = CacheLayout(paper_config(path.name), 16, EngineArgs(dtype=dtype).torch_dtype)
+    per_seq = layout.slot_bytes + (layout.blocks(ctx + steps + 1) + 1) * layout.block_bytes
+    engine = LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
+                                  cache_memory=batch * per_seq, max_model_len=ctx + steps + 8, dtype=dtype))
+    _fill(engine, batch, ctx, steps)
+    engine.step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def hf_decode(batch: int, ctx: int, steps: int) -> float | None:
+    """Decode tokens/s of Hugging Face transformers' Llama (same dims, default dynamic cache, fp32)."""
+    try:
+        from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    c = paper_config("transformer")
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+                      num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
+                      max_position_embeddings=ctx + steps + 8)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    cache = DynamicCache(config=cfg)
+    for layer in range(c.n_layers):
+        kv = torch.randn(batch, c.n_heads, ctx, c.head_dim)
+        cache.update(kv, kv.clone(), layer)
+    ids = torch.randint(0, c.vocab_size, (batch, 1))
+    t0 = None
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()  # the first step is a warm-up
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                    position_ids=torch.full((batch, 1), ctx + i))
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def bench_engine(batches: list[int], contexts: list[int], capacity_contexts: list[int], budget: int, steps: int,
+                 dtype: str = "float32", hf: bool = True) -> dict:
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    result: dict = {"benchmark": "engine", "dims": paper_config("attamba").to_dict(), "dtype": dtype,
+                    "threads": torch.get_num_threads(), "budget_bytes": budget}
+    caps = {kind: capacity(kind, capacity_contexts, budget, torch_dtype) for kind in ("attamba", "transformer")}
+    result["capacity"] = {str(n): {k: caps[k][n] for k in caps} | {
+        "ratio": round(caps["attamba"][n] / max(1, caps["transformer"][n]), 2)} for n in capacity_contexts}
+    lengths = [256, 512, 1024, 2048, 4096, 8192, 16384]
+    result["cache_bytes_per_sequence"] = [
+        {"context": n, "attamba": state_bytes(paper_config("attamba"), n, torch_dtype),
+         "transformer": full_kv_bytes(paper_config("attamba"), n, torch_dtype)} for n in lengths]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {kind: _checkpoint(Path(tmp), kind) for kind in ("attamba", "transformer")}
+        for ctx in contexts:
+            for b in batches:
+                row = {"context": ctx, "batch": b}
+                for kind, path in paths.items():
+                    row[kind] = round(engine_decode(path, b, ctx, steps, dtype), 1)
+                if hf:
+                    tps = hf_decode(b, ctx, steps)
+                    row["hf_transformers"] = None if tps is None else round(tps, 1)
+                row["attamba_vs_transformer"] = round(row["attamba"] / row["transformer"], 2)
+                rows.append(row)
+                print(row, flush=True)
+    result["decode_tokens_per_s"] = rows
+    return result
+
+
+def plot_engine(result: dict, path: Path) -> None:
+    """Cache bytes per sequence vs context, and decode throughput, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    per = result["cache_bytes_per_sequence"]
+    ctx = [r["context"] for r in per]
+    for kind in ("transformer", "attamba"):
+        ax1.plot(ctx, [r[kind] / 2**20 for r in per], marker="o", label=kind)
+    ax1.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB per sequence",
+            title="Cache per sequence")
+    ax1.legend()
+    rows = result["decode_tokens_per_s"]
+    labels = [f"{r['batch']}x{r['context']}" for r in rows]
+    kinds = [k for k in ("attamba", "transformer", "hf_transformers") if rows and rows[0].get(k) is not None]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ax2.bar([x + i * width for x in range(len(rows))], [r[kind] for r in rows], width, label=kind)
+    ax2.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(rows))], labels, rotation=30)
+    ax2.set(ylabel="decode tokens/s", title="Decode throughput (batch x context)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
