@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import mamba_cuda
 from .layers import RMSNorm, chunk_start, trunc_normal_
 
 
@@ -152,6 +153,8 @@ class ChunkSSM(nn.Module):
         bsz, T, _ = u.shape
         E, N, h, p, W = self.d_inner, self.d_state, self.n_heads, self.head_dim, self.conv_width
         z, xbc, dt = self._split(self.in_proj(u))
+        if state is None and last is None and mamba_cuda.available(u):
+            return self._forward_mamba(z, xbc, dt, pos, chunk_size, offset), None
         ext_pos = torch.arange(-(W - 1), T, device=u.device) + pos[0]  # history positions, then pos
         cid = chunk_ids(ext_pos, chunk_size, offset)
         hist = state.conv.transpose(1, 2).to(xbc.dtype) if state is not None else xbc.new_zeros(bsz, W - 1, xbc.shape[-1])
@@ -177,6 +180,18 @@ class ChunkSSM(nn.Module):
             conv = conv.transpose(1, 2)
             new_state = SSMState(conv=conv.contiguous(), ssm=final)
         return self._output(y, z), new_state
+
+    def _forward_mamba(self, z: Tensor, xbc: Tensor, dt: Tensor, pos: Tensor, chunk_size: int, offset: int) -> Tensor:
+        """The same pass through mamba-ssm's CUDA kernels (whole sequences, no state returned)."""
+        bsz, T, _ = xbc.shape
+        E, N = self.d_inner, self.d_state
+        seq_idx = chunk_ids(pos, chunk_size, offset).to(torch.int32).expand(bsz, T).contiguous()
+        xbc = mamba_cuda.conv_silu(xbc, self.conv_weight, seq_idx)
+        x = xbc[..., :E].float().unflatten(-1, (self.n_heads, self.head_dim))
+        A = -torch.exp(self.A_log.float())
+        y = mamba_cuda.ssd(x, F.softplus(dt.float()), A, xbc[..., E : E + N].float(), xbc[..., E + N :].float(), seq_idx)
+        y = (y + x * self.D.float()[:, None]).reshape(bsz, T, E).to(z.dtype)
+        return self._output(y, z)
 
     def step(self, u: Tensor, reset: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
         """One token per row. u: [B, d]; reset: [B] bool (zero the state first). Returns y [B, d]."""

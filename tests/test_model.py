@@ -194,3 +194,20 @@ def test_pickles_are_rejected(tmp_path) -> None:
         load_model(tmp_path)
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "nowhere")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and mamba-ssm")
+def test_mamba_cuda_path_matches_pytorch() -> None:
+    from models import mamba_cuda
+
+    if not mamba_cuda.available(torch.zeros(1, device="cuda")):
+        pytest.skip("mamba-ssm is not installed")
+    torch.manual_seed(5)
+    ssm = ChunkSSM(64, 64, 16, 4, 4).cuda()
+    ssm.reset_parameters()
+    u, pos = torch.randn(2, 300, 64, device="cuda"), torch.arange(300, device="cuda")
+    with torch.no_grad():
+        fast, _ = ssm(u, pos, 8, 3)  # mamba-ssm kernels
+        ref, _ = ssm(u, pos, 8, 3, None, torch.tensor([299, 299], device="cuda"))  # our path (state requested)
+    torch.testing.assert_close(fast, ref, atol=2e-3, rtol=2e-3)
