@@ -35,6 +35,13 @@ def chunk_ids(pos: Tensor, chunk_size: int, offset: int) -> Tensor:
     return torch.cumsum(starts.long(), -1)
 
 
+def _shift(x: Tensor, j: int) -> Tensor:
+    """x shifted j steps later along dim 1 (zeros enter at the front): out[:, t] = x[:, t - j]."""
+    if j == 0:
+        return x
+    return torch.cat([x.new_zeros(x.shape[0], j, *x.shape[2:]), x[:, : x.shape[1] - j]], 1)
+
+
 def causal_conv_reset(xh: Tensor, weight: Tensor, cid: Tensor) -> Tensor:
     """Depthwise causal conv that sees only inputs of the output position's own chunk.
 
@@ -42,9 +49,13 @@ def causal_conv_reset(xh: Tensor, weight: Tensor, cid: Tensor) -> Tensor:
     Returns [B, T, C].
     """
     width = weight.shape[1]
-    win = xh.unfold(1, width, 1)  # [B, T, C, W]: win[..., k] is input t-(W-1-k)
-    same = cid.unfold(0, width, 1) == cid[width - 1 :, None]  # [T, W]
-    return torch.einsum("btck,ck,tk->btc", win, weight.to(xh.dtype), same.to(xh.dtype))
+    T = xh.shape[1] - width + 1
+    weight = weight.to(xh.dtype)
+    out = xh[:, width - 1 :] * weight[:, width - 1]
+    for k in range(width - 1):  # tap k reads input t - (W-1-k), if it is in t's chunk
+        same = (cid[k : k + T] == cid[width - 1 :]).to(xh.dtype)[:, None]
+        out = out + xh[:, k : k + T] * weight[:, k] * same
+    return out
 
 
 def ssd_banded(
@@ -58,31 +69,31 @@ def ssd_banded(
     the previous call ended in). last: [B] index of each row's last valid token; when given,
     the state after that token is returned too.
     Returns y [B, T, h, p] and the final state [B, h, p, N] (or None).
+
+    Within a chunk y_t = sum_s C_t.B_s exp(sum_{r in (s, t]} dt_r A) dt_s x_s, over at most P
+    sources s = t - j, j < P: one elementwise term per band offset j.
     """
-    P = chunk_size
     bsz, T, h, p = x.shape
     dA = dt * A  # [B, T, h]
-    pad = (0, 0, P - 1, 0)
-    B_unf = F.pad(Bm, pad).unfold(1, P, 1)  # [B, T, N, P]; [..., k] is source s = t-(P-1-k)
-    dA_unf = F.pad(dA, pad).unfold(1, P, 1)  # [B, T, h, P]
-    dt_unf = F.pad(dt, pad).unfold(1, P, 1)  # [B, T, h, P]
-    x_unf = F.pad(x.flatten(2), pad).unfold(1, P, 1).view(bsz, T, h, p, P)  # [B, T, h, p, P]
-    cid_pad = torch.cat([torch.full((P - 1,), -1, dtype=cid.dtype, device=cid.device) - torch.arange(P - 1, device=cid.device), cid])
-    same = cid_pad.unfold(0, P, 1) == cid[:, None]  # [T, P]
-    # log-decay from source s to t: sum of dA over (s, t] = sum of dA_unf[k+1:]
-    seg = dA_unf.flip(-1).cumsum(-1).flip(-1) - dA_unf  # [B, T, h, P]
-    CB = torch.einsum("btn,btnk->btk", Cm, B_unf)  # [B, T, P]
-    w = CB[:, :, None, :] * torch.exp(seg) * dt_unf * same.to(x.dtype)[:, None, :]  # [B, T, h, P]
-    y = torch.einsum("bthk,bthpk->bthp", w, x_unf)
+    rows = torch.arange(bsz, device=x.device)
+    y = torch.zeros_like(x)
+    seg = torch.zeros_like(dA)  # log-decay from source t - j to t
+    final = x.new_zeros(bsz, h, p, Bm.shape[-1]) if last is not None else None
+    for j in range(min(chunk_size, T)):
+        if j:
+            seg = seg + _shift(dA, j - 1)
+        same = torch.zeros(T, dtype=x.dtype, device=x.device)
+        same[j:] = (cid[j:] == cid[: T - j]).to(x.dtype)
+        xj, Bj, dtj = _shift(x, j), _shift(Bm, j), _shift(dt, j)
+        w = (Cm * Bj).sum(-1)[..., None] * torch.exp(seg) * dtj * same[:, None]  # [B, T, h]
+        y = y + w[..., None] * xj
+        if last is not None:
+            wl = torch.exp(seg[rows, last]) * dtj[rows, last] * same[last][:, None]  # [B, h]
+            final = final + (wl[..., None] * xj[rows, last])[..., None] * Bj[rows, last][:, None, None, :]
     if init_state is not None:
         decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype)[None, :, None]  # [B, T, h]
         y = y + torch.einsum("bhpn,btn->bthp", init_state, Cm) * decay0[..., None]
-    final = None
-    if last is not None:
-        rows = torch.arange(bsz, device=x.device)
-        wl = torch.exp(seg[rows, last]) * dt_unf[rows, last] * same[last].to(x.dtype)[:, None, :]  # [B, h, P]
-        final = torch.einsum("bhk,bhpk,bnk->bhpn", wl, x_unf[rows, last], B_unf[rows, last])
-        if init_state is not None:
+        if last is not None:
             final = final + init_state * (decay0[rows, last])[:, :, None, None]
     return y, final
 
