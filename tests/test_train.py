@@ -1,0 +1,147 @@
+"""Training, exact resume and perplexity evaluation on a tiny model and the shipped text sample."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import ModelConfig, build_model, load_model
+from models.evaluate import evaluate_ppl
+from models.tokenizer import Tokenizer, train_tokenizer
+from models.train import TrainConfig, lr_at
+from server.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "wikitext_sample.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    Tokenizer(train_tokenizer(SAMPLE.read_text(encoding="utf-8"), vocab_size=512)).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tokenizer_file: Path) -> Callable[..., Path]:
+    """Write configs/tiny.json with the sample tokenizer and text, plus overrides; returns its path."""
+
+    def write(**train_overrides) -> Path:
+        raw = json.loads((ROOT / "configs" / "tiny.json").read_text())
+        raw["train"].update(tokenizer=str(tokenizer_file), train_text=str(SAMPLE), valid_text=str(SAMPLE), **train_overrides)
+        path = tmp_path / "tiny.json"
+        path.write_text(json.dumps(raw))
+        return path
+
+    return write
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_loss(tiny_config, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_config(max_steps=16)), "--out", str(out)]) == 0
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 17))
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-4:]) / 4
+    assert last < first - 0.3
+    assert "val_loss" in log[-1] and math.isfinite(log[-1]["val_loss"])
+    model = load_model(out)
+    assert model.embed.weight.dtype == torch.float32
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    assert torch.isfinite(model(ids)).all()
+
+
+def test_resume_gives_identical_losses(tiny_config, tmp_path: Path) -> None:
+    cfg = str(tiny_config(max_steps=6))
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", "--config", cfg, "--out", str(full)]) == 0
+    # --max-minutes 0 stops (and checkpoints) after one step; resume twice, then to the end
+    assert main(["train", "--config", cfg, "--out", str(split), "--max-minutes", "0"]) == 0
+    assert main(["train", "--config", cfg, "--out", str(split), "--max-minutes", "0", "--resume", "auto"]) == 0
+    assert [r["step"] for r in _log(split)] == [1, 2]
+    assert main(["train", "--config", cfg, "--out", str(split), "--resume", "auto"]) == 0
+    strip = [{k: v for k, v in r.items() if k != "tok_s"} for r in _log(full)]
+    assert strip == [{k: v for k, v in r.items() if k != "tok_s"} for r in _log(split)]
+    assert (full / "model.safetensors").read_bytes() == (split / "model.safetensors").read_bytes()
+
+
+def test_existing_run_needs_resume_flag(tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = str(tiny_config(max_steps=1))
+    assert main(["train", "--config", cfg, "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, "--out", str(tmp_path / "r")]) == 1
+    assert "--resume auto" in capsys.readouterr().err
+
+
+def test_lr_schedule() -> None:
+    tc = TrainConfig(tokenizer="t", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, tc) == pytest.approx(0.1)
+    assert lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(60, tc) == pytest.approx(0.55)
+    assert lr_at(110, tc) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", "no/such/config.json", "--out", "unused"],
+    ["eval-ppl", "--model", "no/such/model"],
+])
+def test_cli_bad_input_is_one_line(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [a if a != "unused" else str(tmp_path / "out") for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "not found" in err
+
+
+def test_malformed_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {}, "train": {"tokenizer": "t", "max_steps": 1, "lr_typo": 1}}')
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert "lr_typo" in capsys.readouterr().err
+
+
+def test_evaluate_ppl_consistent(tokenizer_file: Path) -> None:
+    tok = Tokenizer.from_file(tokenizer_file)
+    cfg = ModelConfig.from_dict({**json.loads((ROOT / "configs" / "tiny.json").read_text())["model"],
+                                 "vocab_size": tok.vocab_size})
+    model = build_model(cfg, seed=0)
+    text = SAMPLE.read_text(encoding="utf-8")
+    res = evaluate_ppl(model, tok, text, seq_len=32, batch_size=4)
+    assert res["windows"] == "non-overlapping" and res["seq_len"] == 32
+    assert res["tokens"] == len(tok.encode(text)) - 1 and res["words"] == len(text.split())
+    assert math.isfinite(res["token_ppl"]) and math.isfinite(res["word_ppl"])
+    # one total NLL behind both perplexities
+    assert res["tokens"] * math.log(res["token_ppl"]) == pytest.approx(res["nll"], rel=1e-9)
+    assert res["words"] * math.log(res["word_ppl"]) == pytest.approx(res["nll"], rel=1e-9)
+    # batching does not change the result
+    assert evaluate_ppl(model, tok, text, seq_len=32, batch_size=1)["nll"] == pytest.approx(res["nll"], rel=1e-5)
+    part = evaluate_ppl(model, tok, text, seq_len=32, batch_size=4, max_tokens=100)
+    assert part["tokens"] == 100 and 0 < part["words"] < res["words"]
+
+
+def test_eval_ppl_cli(tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_config(max_steps=2)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval-ppl", "--model", str(out), "--text", str(SAMPLE), "--seq-len", "32", "--max-tokens", "200"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] == 200 and res["windows"] == "non-overlapping"
+    assert math.isfinite(res["token_ppl"]) and math.isfinite(res["word_ppl"])
+
+
+@pytest.mark.parametrize("name", ["attamba-wt2", "transformer-wt2"])
+def test_shipped_checkpoint_loads(name: str) -> None:
+    path = ROOT / "checkpoints" / name
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"{path} not exported yet")
+    model = load_model(path)
+    assert (path / "tokenizer.json").is_file()
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    logits = model(ids)
+    assert logits.shape == (1, 40, model.config.vocab_size) and torch.isfinite(logits).all()
