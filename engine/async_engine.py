@@ -136,9 +136,10 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                for delta in self.engine.step():
+                deltas = self.engine.step()
+                self._stats = self.engine.stats()  # before delivery, so clients never see older numbers
+                for delta in deltas:
                     self._deliver(delta.request_id, delta)
-                self._stats = self.engine.stats()
         except BaseException as exc:  # the engine is dead: fail every open stream
             log.exception("engine loop crashed")
             self._error = exc

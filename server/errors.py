@@ -1,0 +1,66 @@
+"""The OpenAI error envelope and the exception handlers that always produce it."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server.protocol import ErrorInfo, ErrorResponse
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """An error answered with `status` and the envelope {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    info = ErrorInfo(message=message, type=_TYPES.get(status, "server_error"), param=param, code=code)
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+
+
+def error_event(exc: APIError) -> bytes:
+    """The envelope as one SSE event, for errors after a stream has started."""
+    info = ErrorInfo(message=exc.message, type=_TYPES.get(exc.status, "server_error"), param=exc.param, code=exc.code)
+    return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n".encode()
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"malformed JSON body: {first.get('msg')}", "invalid_json")
+    where = ".".join(loc)
+    message = f"{where}: {first['msg']}" if where else str(first["msg"])
+    return error_response(400, message, "invalid_value", loc[0] if loc else None)
+
+
+def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+
+def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(exc.status_code, str(exc.detail), code, headers=exc.headers)
+
+
+def _unexpected(_: Request, __: Exception) -> JSONResponse:
+    """Starlette re-raises the exception after this response, so the server still logs it."""
+    return error_response(500, "internal server error", "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the envelope: validation -> 400, HTTP errors keep their status, bugs -> 500."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,41 @@
+"""`attamba generate`: stream one completion of a prompt to stdout as it is generated."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+
+from engine.async_engine import AsyncEngine
+from engine.config import add_engine_args, engine_args_from
+from engine.sampling_params import SamplingParams
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)  # its --seed also seeds the sampling
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+
+
+async def _stream(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams) -> None:
+    async for delta in engine.generate(f"generate-{uuid.uuid4().hex}", prompt_ids, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    engine = AsyncEngine(engine_args_from(args))
+    prompt_ids = engine.encode_prompt(args.prompt)
+    engine.check_request(prompt_ids, params)
+    engine.start()
+    try:
+        asyncio.run(_stream(engine, prompt_ids, params))
+    finally:
+        engine.shutdown()
+    return 0

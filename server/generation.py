@@ -1,0 +1,112 @@
+"""One admitted request: drives the engine's delta stream, times it, and aborts it when the client leaves."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+from starlette.requests import Request
+
+from engine.outputs import EngineDead, QueueFull, StreamDelta
+from engine.sampling_params import SamplingParams
+from server.errors import APIError
+from server.lifecycle import Lifecycle
+from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+
+T = TypeVar("T")
+RETRY_AFTER_S = "1"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it and raising ClientGone if the client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ClientGone
+    return work.result()
+
+
+class Generation:
+    """The delta stream of one request, opened with `start()` and always closed with `close()`."""
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, lifecycle: Lifecycle, request_id: str,
+                 prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine, self.lifecycle, self.request_id = engine, lifecycle, request_id
+        self.prompt_tokens = len(prompt_ids)
+        self.timer = metrics.track(params.n)
+        self.completion_tokens: dict[int, int] = {}
+        self._stream = engine.generate(request_id, prompt_ids, params)
+        self._first: StreamDelta | None = None
+        self._closed = False
+        lifecycle.enter()
+
+    async def start(self, request: Request) -> None:
+        """Wait for the first delta, so admission errors become HTTP statuses before any body is sent.
+
+        QueueFull -> 429, EngineDead -> 503; a ValueError (request refused) propagates; ClientGone
+        if the client leaves first."""
+        try:
+            self._first = await unless_disconnected(request, anext(self._stream))
+        except (QueueFull, EngineDead, ValueError) as exc:
+            await self.close(admitted=False)
+            if isinstance(exc, QueueFull):
+                raise APIError(429, f"server busy: {exc}", "rate_limit_exceeded",
+                               headers={"Retry-After": RETRY_AFTER_S}) from exc
+            if isinstance(exc, EngineDead):
+                raise APIError(503, f"engine unavailable: {exc}", "service_unavailable") from exc
+            raise
+        except BaseException:
+            await self.close()
+            raise
+
+    async def deltas(self) -> AsyncIterator[StreamDelta]:
+        """Every delta, the prefetched first one included; closes the request when exhausted or closed."""
+        try:
+            if self._first is not None:
+                yield self._record(self._first)
+            async for delta in self._stream:
+                yield self._record(delta)
+        except EngineDead as exc:
+            raise APIError(503, f"engine stopped: {exc}", "service_unavailable") from exc
+        finally:
+            await self.close()
+
+    def _record(self, delta: StreamDelta) -> StreamDelta:
+        self.timer.observe(delta)
+        self.completion_tokens[delta.index] = max(self.completion_tokens.get(delta.index, 0),
+                                                  delta.completion_tokens)
+        return delta
+
+    @property
+    def total_completion_tokens(self) -> int:
+        return sum(self.completion_tokens.values())
+
+    async def close(self, admitted: bool = True) -> None:
+        """Abort whatever is unfinished (freeing its cache now) and settle the metrics; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if admitted and self.timer.unfinished:
+            self.engine.abort(self.request_id)
+            self.timer.close()
+        self.lifecycle.exit()
+        await self._stream.aclose()
