@@ -40,7 +40,6 @@ class EngineArgs:
     dtype: str = "float32"  # weights and cached K/V
     max_waiting: int = 256  # waiting-queue bound; add_request beyond it raises QueueFull
     chunk_size: int | None = None  # Attamba P override for the whole engine (attamba kind only)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
@@ -71,7 +70,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
     parser.add_argument("--max-waiting", type=int, default=d.max_waiting)
-    parser.add_argument("--seed", type=int, default=d.seed)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

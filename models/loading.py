@@ -33,8 +33,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise CheckpointError(f"{path}: pickled weights are not loaded for safety; convert them to {WEIGHTS}")
         raise CheckpointError(f"{path}: missing {WEIGHTS}")
     cfg = ModelConfig.load(path).replace(**overrides)
-    with torch.device("meta"):
-        model = LM(cfg)
+    model = LM(cfg)  # default init is overwritten below (assign=True); the meta device costs seconds to import
     tensors = load_file(str(weights), device=str(device))
     missing = set(model.state_dict()) - set(tensors)
     unexpected = set(tensors) - set(model.state_dict())

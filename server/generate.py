@@ -12,12 +12,13 @@ from engine.sampling_params import SamplingParams
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_engine_args(parser)  # its --seed also seeds the sampling
+    add_engine_args(parser)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
 
 
 async def _stream(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams) -> None:
