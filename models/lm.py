@@ -143,7 +143,6 @@ class LM(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids: [B, T] from position 0 -> logits [B, T, V]."""
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor) -> Tensor:
             attn = self.blocks[layer].attn

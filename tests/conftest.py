@@ -12,6 +12,18 @@ SAMPLE = Path(__file__).parent / "data" / "wikitext_sample.txt"
 
 
 @pytest.fixture(scope="session")
+def sample() -> str:
+    """The shipped WikiText-style sample text."""
+    return SAMPLE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tok(sample: str) -> Tokenizer:
+    """A 512-token BPE trained on the sample."""
+    return Tokenizer(train_tokenizer(sample, vocab_size=512))
+
+
+@pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     Tokenizer(train_tokenizer(SAMPLE.read_text(), vocab_size=300)).save(path)

@@ -16,22 +16,11 @@ from models import data
 from models.data import DataError
 from models.tokenizer import Tokenizer, train_tokenizer
 
-SAMPLE = Path(__file__).parent / "data" / "wikitext_sample.txt"
 FAKE_TEXT = {split: f" \n = {split.title()} = \n \n Text of the {split} split , ünïcode – 1 @,@ 000 . \n" for split in data.SPLITS}
 
 
 def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def sample() -> str:
-    return SAMPLE.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def tok(sample: str) -> Tokenizer:
-    return Tokenizer(train_tokenizer(sample, vocab_size=512))
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import torch
 
 from models.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, IncrementalDecoder, Tokenizer, train_tokenizer
 
-SAMPLE = Path(__file__).parent / "data" / "wikitext_sample.txt"
 
 TRICKY = [
     "",
@@ -30,16 +29,6 @@ TRICKY = [
     "<|endoftext|> special <|user|>hi<|assistant|>",
     "\x00\x01\x7f control bytes",
 ]
-
-
-@pytest.fixture(scope="module")
-def sample() -> str:
-    return SAMPLE.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def tok(sample: str) -> Tokenizer:
-    return Tokenizer(train_tokenizer(sample, vocab_size=512))
 
 
 def test_train_is_fast_and_sized(sample: str) -> None:
