@@ -146,14 +146,13 @@ class ModelRunner:
             count = before + is_bnd.long()
             entry = torch.arange(int(count.max()), device=dev)[None].expand(len(seqs), -1)
             flat = self._flat(tables, entry)
-            keys, vals, valid = [self.k_pool[layer, flat]], [self.v_pool[layer, flat]], [entry < count[:, None]]
+            parts = [(self.k_pool[layer, flat], self.v_pool[layer, flat], entry < count[:, None])]
             if W:
                 self.win_k[layer, slots, pos % W] = k.to(self.win_k.dtype)
                 self.win_v[layer, slots, pos % W] = v.to(self.win_v.dtype)
-                keys.append(self.win_k[layer, slots])
-                vals.append(self.win_v[layer, slots])
-                valid.append((win_pos >= 0) & (win_pos >= pos[:, None] - cfg.attn_window) & ~key_is_bnd(win_pos))
-            return gathered_attention(q, torch.cat(keys, 1), torch.cat(vals, 1), torch.cat(valid, 1))
+                valid = (win_pos >= 0) & (win_pos >= pos[:, None] - cfg.attn_window) & ~key_is_bnd(win_pos)
+                parts.append((self.win_k[layer, slots], self.win_v[layer, slots], valid))
+            return gathered_attention(q, parts)
 
         states = self._ssm_states(slots) if cfg.has_ssm else None
         logits, new_states = self.model.step(tokens, pos, states, attend)

@@ -41,12 +41,18 @@ def block_attention(
     return torch.cat(outs, 2).transpose(1, 2)
 
 
-def gathered_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """One query per row. q: [B, H, D]; k, v: [B, M, H, D]; valid: [B, M] bool. -> [B, H, D]."""
-    scores = torch.einsum("bhd,bmhd->bhm", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, -1)
-    return torch.einsum("bhm,bmhd->bhd", probs, v.float()).to(q.dtype)
+def gathered_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """One query per row over keys in several parts (e.g. boundary entries and the window ring),
+    joined in one softmax without copying the keys together.
+
+    q: [B, H, D]; each part (k, v, valid): k, v [B, M_i, H, D], valid [B, M_i] bool. -> [B, H, D].
+    """
+    qf = q.float() / math.sqrt(q.shape[-1])
+    scores = torch.cat([torch.einsum("bhd,bmhd->bhm", qf, k.float()).masked_fill(~valid[:, None, :], float("-inf"))
+                        for k, _, valid in parts], -1)
+    probs = torch.softmax(scores, -1).split([k.shape[1] for k, _, _ in parts], -1)
+    out = sum(torch.einsum("bhm,bmhd->bhd", p, v.float()) for p, (_, v, _) in zip(probs, parts))
+    return out.to(q.dtype)
 
 
 def dense_attention_ref(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, bnd: Tensor, window: int) -> Tensor:

@@ -103,14 +103,11 @@ def _decode_attend(model: LM, state: DecodeState) -> callable:
         key_is_bnd = model.blocks[layer].attn.key_is_boundary
         _write(kv, cfg, key_is_bnd(pos), k, v, pos)
         m = kv.bnd_k.shape[1]
-        keys, vals = [kv.bnd_k], [kv.bnd_v]
-        valid = [torch.arange(m, device=q.device)[None, :] < kv.bnd_len[:, None]]
+        parts = [(kv.bnd_k, kv.bnd_v, torch.arange(m, device=q.device)[None, :] < kv.bnd_len[:, None])]
         if cfg.window_slots:
             wp = kv.win_pos
-            valid.append((wp >= 0) & (wp >= pos[:, None] - cfg.attn_window) & ~key_is_bnd(wp))
-            keys.append(kv.win_k)
-            vals.append(kv.win_v)
-        return gathered_attention(q, torch.cat(keys, 1), torch.cat(vals, 1), torch.cat(valid, 1))
+            parts.append((kv.win_k, kv.win_v, (wp >= 0) & (wp >= pos[:, None] - cfg.attn_window) & ~key_is_bnd(wp)))
+        return gathered_attention(q, parts)
 
     return attend
 
