@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from models.config import ModelConfig
 from models.loading import load_model
 from models.tokenizer import Tokenizer
 
@@ -50,8 +51,6 @@ class LLMEngine:
 
     @staticmethod
     def _check_chunk_override(path: Path, chunk_size: int) -> None:
-        from models.config import ModelConfig
-
         if chunk_size < 1:
             raise ValueError("--chunk-size must be >= 1")
         if ModelConfig.load(path).kind != "attamba":
@@ -72,11 +71,12 @@ class LLMEngine:
         if params.chunk_size is not None and params.chunk_size != self.config.chunk_size:
             raise ValueError(f"chunk_size {params.chunk_size} is not served here: this engine runs P = "
                              f"{self.config.chunk_size} (per-request P is not supported; start with --chunk-size)")
-        total = len(prompt_ids) + (params.max_tokens or 1)
-        if total > self.max_model_len:
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+        total = len(prompt_ids) + max_tokens
+        if max_tokens < 1 or total > self.max_model_len:
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{len(prompt_ids)} prompt + {params.max_tokens or 1} completion tokens")
+                f"{len(prompt_ids)} prompt + {max(max_tokens, 1)} completion tokens")
         if not self.cache.fits_alone(total):
             raise ContextLengthExceeded(f"{total} tokens do not fit the cache ({self.cache.total_bytes} bytes)")
 

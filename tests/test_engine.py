@@ -162,3 +162,13 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
     finally:
         eng.shutdown()
     assert not eng.is_alive
+
+
+def test_unbounded_request_must_fit_the_cache(tiny_ckpt) -> None:
+    """max_tokens=None means up to max_model_len, so the whole length must fit the cache alone."""
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), max_model_len=4096, block_size=1, cache_memory=200_000))
+    with pytest.raises(ContextLengthExceeded):
+        engine.add_request("a", "hello", SamplingParams(max_tokens=None))
+    with pytest.raises(ContextLengthExceeded):
+        engine.add_request("b", [5] * 4096, SamplingParams(max_tokens=None))
+    engine.add_request("c", "hello", SamplingParams(max_tokens=4))
