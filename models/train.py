@@ -126,7 +126,7 @@ def _text(file: str | None, split: str) -> str:
     return Path(file).read_text(encoding="utf-8") if file else read_split(split)
 
 
-def _train_ids(tokenizer: Tokenizer, tc: TrainConfig) -> torch.Tensor:
+def load_train_ids(tokenizer: Tokenizer, tc: TrainConfig) -> torch.Tensor:
     """Encoded training corpus; WikiText-2 ids are cached per tokenizer (written under a per-process name, then renamed)."""
     if tc.train_text:
         return encode_corpus(tokenizer, _text(tc.train_text, "train"))
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         (out / LOG_FILE).write_text("")
         (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    train_ids = _train_ids(tokenizer, tc)
+    train_ids = load_train_ids(tokenizer, tc)
     valid_text = _text(tc.valid_text, "valid")
     deadline = math.inf if args.max_minutes is None else started + args.max_minutes * 60
     finished = _loop(model, opt, gen, train_ids, valid_text, tokenizer, tc, config, out, step, deadline)
