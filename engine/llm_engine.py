@@ -118,11 +118,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        decodes = [s for s, n in batch.work if n == 1 and s.num_computed > 0]
-        sample_seqs, logits = [], []
+        # one new token after cached ones is a decode; everything else is a prefill chunk
+        decodes, prefills = [], []
         for seq, n in batch.work:
             if n == 1 and seq.num_computed > 0:
-                continue
+                decodes.append(seq)
+            else:
+                prefills.append((seq, n))
+        sample_seqs, logits = [], []
+        for seq, n in prefills:
             done = seq.num_computed + n == seq.num_tokens
             row = self.runner.prefill(seq, n, want_logits=done)
             if done:

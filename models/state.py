@@ -15,7 +15,7 @@ from torch import Tensor
 from .attention import block_attention, gathered_attention
 from .config import ModelConfig
 from .layers import num_boundaries
-from .lm import LM, LayerSSMState
+from .lm import LM, AttendFn, LayerSSMState
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _write(kv: LayerKV, cfg: ModelConfig, is_bnd: Tensor, k: Tensor, v: Tensor, 
         kv.win_pos[rows, slot] = pos
 
 
-def _decode_attend(model: LM, state: DecodeState) -> callable:
+def _decode_attend(model: LM, state: DecodeState) -> AttendFn:
     cfg = model.config
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
