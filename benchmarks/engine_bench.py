@@ -26,7 +26,7 @@ from .model_bench import paper_config
 
 def capacity(kind: str, contexts: list[int], budget: int, dtype: torch.dtype, block_size: int = 16) -> dict[int, int]:
     """Sequences of each context length the cache manager admits within `budget` bytes."""
-    layout = CacheLayout(paper_config(kind), block_size, dtype)
+    layout = CacheLayout.for_model(paper_config(kind), block_size, dtype)
     result = {}
     for n in contexts:
         per_seq = layout.slot_bytes + layout.blocks(n) * layout.block_bytes
@@ -71,7 +71,7 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
 
 def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
     """Decode tokens/s of this engine at a batch and context."""
-    layout = CacheLayout(paper_config(path.name), 16, EngineArgs(dtype=dtype).torch_dtype)
+    layout = CacheLayout.for_model(paper_config(path.name), 16, EngineArgs(dtype=dtype).torch_dtype)
     per_seq = layout.slot_bytes + (layout.blocks(ctx + steps + 1) + 1) * layout.block_bytes
     engine = LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
                                   cache_memory=batch * per_seq, max_model_len=ctx + steps + 8, dtype=dtype))

@@ -24,7 +24,7 @@ import torch
 from models.config import ModelConfig
 from models.data import read_split
 from models.evaluate import evaluate_ppl
-from models.layers import num_boundaries
+from models.kv_spec import CacheSpec
 from models.lm import build_model
 from models.loading import load_model
 from models.state import state_bytes
@@ -71,30 +71,20 @@ def step_seconds(name: str) -> float | None:
 
 
 # ---- cost model ---------------------------------------------------------------------------
-def keys_seen(cfg: ModelConfig, layer: int, n: int) -> int:
-    """Keys the query at 0-based position n attends to in `layer`."""
-    if cfg.kind == "attamba":
-        old = num_boundaries(max(n - cfg.window, 0), cfg.chunk_size, cfg.layer_offset(layer))
-        return int(old) + min(cfg.window + 1, n + 1)
-    if cfg.kind == "sliding":
-        return min(cfg.sliding_window, n + 1)
-    return n + 1
-
-
 def attn_flops(cfg: ModelConfig, n: int) -> int:
     """FLOPs of q.k and p.v for the token at position n: 2 per multiply-add, summed over layers."""
-    return sum(4 * cfg.attn_dim * keys_seen(cfg, layer, n) for layer in range(cfg.n_layers))
+    return sum(4 * cfg.attn_dim * spec.keys_seen(n) for spec in CacheSpec.from_config(cfg).layers)
 
 
 def mean_key_fraction(cfg: ModelConfig, seq_len: int) -> float:
     """Mean over a window of seq_len queries of keys seen / keys a full causal query sees."""
-    fractions = [keys_seen(cfg, layer, t) / (t + 1) for layer in range(cfg.n_layers) for t in range(seq_len)]
+    fractions = [spec.keys_seen(t) / (t + 1) for spec in CacheSpec.from_config(cfg).layers for t in range(seq_len)]
     return sum(fractions) / len(fractions)
 
 
 def costs(cfg: ModelConfig) -> dict:
     return {
-        "cache_bytes": {str(n): state_bytes(cfg, n, torch.float16, torch.float32) for n in CONTEXTS},
+        "cache_bytes": {str(n): state_bytes(cfg, n, torch.float16) for n in CONTEXTS},
         "attn_flops_per_token": {str(n): attn_flops(cfg, n) for n in CONTEXTS},
         "mean_key_fraction_at_train_len": mean_key_fraction(cfg, cfg.max_seq_len),
     }

@@ -4,7 +4,7 @@ The model runner owns the tensors; this class only hands out indices. Two pools:
   blocks  `block_size` boundary K/V entries for every layer (for full-attention kinds every
           token is an entry, so this is an ordinary paged KV cache);
   slots   one per running sequence: the window ring of recent K/V, and the K/V SSM and conv
-          states (Attamba), or just the window (sliding). Full-attention kinds need none.
+          states (Attamba), or just the window (sliding); 0 bytes for full-attention kinds.
 Both are sized from one byte budget.
 """
 from __future__ import annotations
@@ -15,51 +15,40 @@ from dataclasses import dataclass
 import torch
 
 from models.config import ModelConfig
-from models.layers import num_boundaries
-from models.state import full_kv_bytes
+from models.kv_spec import CacheSpec
 
 from .sequence import Sequence
 
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Per-entry sizes of the cache for one model."""
+    """Block and slot sizes of the cache for one model, from its CacheSpec."""
 
-    cfg: ModelConfig
+    spec: CacheSpec
     block_size: int
     kv_dtype: torch.dtype
 
-    @property
-    def kv_bytes(self) -> int:
-        return torch.empty(0, dtype=self.kv_dtype).element_size()
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> "CacheLayout":
+        return cls(CacheSpec.from_config(cfg), block_size, kv_dtype)
 
     @property
     def block_bytes(self) -> int:
-        """block_size entries of K and V, for every layer."""
-        return self.block_size * self.cfg.n_layers * 2 * self.cfg.attn_dim * self.kv_bytes
+        """block_size boundary entries (K and V) of every layer."""
+        return self.block_size * self.spec.entry_bytes(self.kv_dtype)
 
     @property
     def slot_bytes(self) -> int:
         """Window ring plus SSM (fp32) and conv states of one sequence, every layer."""
-        c = self.cfg
-        per_layer = c.window_slots * 2 * c.attn_dim * self.kv_bytes
-        if c.has_ssm:
-            per_layer += 2 * (c.ssm_inner * c.ssm_state * 4 + c.conv_channels * (c.conv_width - 1) * self.kv_bytes)
-        return c.n_layers * per_layer
+        return self.spec.slot_bytes(self.kv_dtype)
 
     @property
     def needs_slot(self) -> bool:
         return self.slot_bytes > 0
 
-    def entries(self, n: int) -> int:
-        """Boundary entries (max over layers) a sequence of n tokens keeps."""
-        c = self.cfg
-        if c.kind == "attamba":
-            return max(num_boundaries(n, c.chunk_size, c.layer_offset(i)) for i in range(c.n_layers))
-        return n if c.all_boundaries else 0
-
     def blocks(self, n: int) -> int:
-        return math.ceil(self.entries(n) / self.block_size)
+        """Blocks a sequence of n tokens needs (for the layer that keeps the most entries)."""
+        return math.ceil(self.spec.max_entries(n) / self.block_size)
 
 
 class CacheManager:
@@ -79,7 +68,7 @@ class CacheManager:
         else:
             num_slots = max_num_seqs
         num_blocks = (budget - num_slots * layout.slot_bytes) // layout.block_bytes
-        if num_slots < 1 or (num_blocks < 1 and layout.entries(1) > 0):
+        if num_slots < 1 or (num_blocks < 1 and layout.blocks(1) > 0):
             need = layout.slot_bytes + layout.block_bytes
             raise ValueError(f"cache memory {budget} B is too small: one sequence needs at least {need} B")
         return cls(layout, max(num_blocks, 0), num_slots)
@@ -95,13 +84,12 @@ class CacheManager:
     def can_allocate(self, seq: Sequence, n: int) -> bool:
         """Whether seq can grow to hold n tokens."""
         more = self.layout.blocks(n) - len(seq.block_table)
-        slot_ok = seq.slot >= 0 or not self.layout.needs_slot or bool(self.free_slots)
-        return more <= len(self.free_blocks) and slot_ok
+        return more <= len(self.free_blocks) and (seq.slot >= 0 or bool(self.free_slots))
 
     def allocate(self, seq: Sequence, n: int) -> None:
         """Grow seq's blocks (and take a slot) so it can hold n tokens."""
         assert self.can_allocate(seq, n)
-        if seq.slot < 0 and self.layout.needs_slot:
+        if seq.slot < 0:  # every running sequence has a slot (of 0 bytes for full-attention kinds)
             seq.slot = self.free_slots.pop()
         for _ in range(self.layout.blocks(n) - len(seq.block_table)):
             seq.block_table.append(self.free_blocks.pop())
@@ -122,7 +110,7 @@ class CacheManager:
 
     def full_kv_equivalent(self, seqs: list[Sequence]) -> int:
         """Bytes a full-KV transformer of the same dims would hold for these sequences' cached tokens."""
-        return sum(full_kv_bytes(self.layout.cfg, s.num_computed, self.layout.kv_dtype) for s in seqs)
+        return sum(self.layout.spec.full_kv_bytes(s.num_computed, self.layout.kv_dtype) for s in seqs)
 
     def all_free(self) -> bool:
         return len(self.free_blocks) == self.num_blocks and len(self.free_slots) == self.num_slots

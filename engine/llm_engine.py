@@ -39,7 +39,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         self.model_name = path.resolve().name
         self.max_model_len = args.max_model_len or 8 * self.config.max_seq_len
-        layout = CacheLayout(self.config, args.block_size, args.torch_dtype)
+        layout = CacheLayout.for_model(self.config, args.block_size, args.torch_dtype)
         self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs)
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
         self.scheduler = Scheduler(self.cache, min(args.max_num_seqs, self.cache.num_slots), args.max_num_batched_tokens)

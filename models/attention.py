@@ -29,15 +29,17 @@ def block_attention(
     k_bnd [S] marking boundaries (each position appears once among the keys). -> [B, T, H, D]."""
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, D]
     T = q.shape[1]
+    gqa = k.shape[2] != q.shape[2]  # grouped-query: query head i reads KV head i // (H / Hkv)
     if bool(k_bnd.all()) and k.shape[1] == T and torch.equal(q_pos, k_pos):
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa).transpose(1, 2)
     outs = []
     for a in range(0, T, block):
         t = q_pos[a : a + block]
         cand = (k_pos <= t[-1]) & (k_bnd | (k_pos >= t[0] - window))  # keys any query here sees
         idx = cand.nonzero().squeeze(1)
         mask = visible(t, k_pos[idx], k_bnd[idx], window)  # [Tb, n]
-        outs.append(F.scaled_dot_product_attention(qh[:, :, a : a + block], kh[:, :, idx], vh[:, :, idx], attn_mask=mask))
+        outs.append(F.scaled_dot_product_attention(qh[:, :, a : a + block], kh[:, :, idx], vh[:, :, idx], attn_mask=mask,
+                                                   enable_gqa=gqa))
     return torch.cat(outs, 2).transpose(1, 2)
 
 
@@ -45,19 +47,22 @@ def gathered_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) ->
     """One query per row over keys in several parts (e.g. boundary entries and the window ring),
     joined in one softmax without copying the keys together.
 
-    q: [B, H, D]; each part (k, v, valid): k, v [B, M_i, H, D], valid [B, M_i] bool. -> [B, H, D].
+    q: [B, H, D]; each part (k, v, valid): k, v [B, M_i, Hkv, D], valid [B, M_i] bool. -> [B, H, D].
     """
-    qf = q.float() / math.sqrt(q.shape[-1])
-    scores = torch.cat([torch.einsum("bhd,bmhd->bhm", qf, k.float()).masked_fill(~valid[:, None, :], float("-inf"))
+    B, H, D = q.shape
+    Hkv = parts[0][0].shape[2]
+    qf = q.float().view(B, Hkv, H // Hkv, D) / math.sqrt(D)  # query heads grouped by KV head
+    scores = torch.cat([torch.einsum("bkgd,bmkd->bkgm", qf, k.float()).masked_fill(~valid[:, None, None, :], float("-inf"))
                         for k, _, valid in parts], -1)
     probs = torch.softmax(scores, -1).split([k.shape[1] for k, _, _ in parts], -1)
-    out = sum(torch.einsum("bhm,bmhd->bhd", p, v.float()) for p, (_, v, _) in zip(probs, parts))
-    return out.to(q.dtype)
+    out = sum(torch.einsum("bkgm,bmkd->bkgd", p, v.float()) for p, (_, v, _) in zip(probs, parts))
+    return out.reshape(B, H, D).to(q.dtype)
 
 
 def dense_attention_ref(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, bnd: Tensor, window: int) -> Tensor:
-    """Naive reference: a dense T x T mask over one sequence's own keys. q, k, v: [B, T, H, D]."""
+    """Naive reference: a dense T x T mask over one sequence's own keys. q [B, T, H, D], k, v [B, T, Hkv, D]."""
     mask = visible(pos, pos, bnd, window)
+    k, v = (x.repeat_interleave(q.shape[2] // k.shape[2], 2) for x in (k, v))
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
     return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)

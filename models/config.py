@@ -27,6 +27,7 @@ class ModelConfig:
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
+    n_kv_heads: int = 0  # grouped-query attention for the Wk/Wv kinds; 0: as many as n_heads
     chunk_size: int = 8  # P
     window: int = 8  # L: a query sees its own position and the L before it
     ssm_state: int = 128  # N
@@ -42,6 +43,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     chat_template: str = ""
+    tie_embeddings: bool = False  # the output head shares the embedding matrix
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -55,6 +57,8 @@ class ModelConfig:
                 raise ValueError("ssm_inner must be divisible by ssm_heads")
             if self.conv_width < 2:
                 raise ValueError("conv_width must be >= 2")
+        if self.n_kv_heads and (self.has_ssm or self.num_attn_heads % self.n_kv_heads):
+            raise ValueError("n_kv_heads must divide the attention heads (and SSM keys have no GQA)")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
         if self.kind == "sliding" and self.sliding_window < 1:
@@ -81,6 +85,15 @@ class ModelConfig:
         return self.attn_dim // self.head_dim
 
     @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.num_attn_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one cached K (or V): kv heads x head width."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
     def ffn_dim(self) -> int:
         if self.ffn_hidden:
             return self.ffn_hidden
@@ -94,29 +107,6 @@ class ModelConfig:
     def layer_offset(self, layer: int) -> int:
         """o_l = min(P - 1, l * floor(P / n_layers)): where layer l cuts its chunks."""
         return min(self.chunk_size - 1, layer * (self.chunk_size // self.n_layers))
-
-    @property
-    def all_boundaries(self) -> bool:
-        """True when every key is kept (full causal attention)."""
-        return self.kind in ("transformer", "pseudo", "reduced")
-
-    @property
-    def attn_window(self) -> int:
-        """Keys s with s >= t - attn_window are visible besides boundaries."""
-        if self.kind == "attamba":
-            return self.window
-        if self.kind == "sliding":
-            return self.sliding_window - 1
-        return 0
-
-    @property
-    def window_slots(self) -> int:
-        """Ring-buffer entries a decoding sequence keeps per layer for the window."""
-        if self.kind == "attamba":
-            return self.window + 1
-        if self.kind == "sliding":
-            return self.sliding_window
-        return 0
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def replace(self, **changes) -> "ModelConfig":

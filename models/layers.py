@@ -1,4 +1,4 @@
-"""Small building blocks shared by every architecture: RMSNorm, RoPE, SwiGLU, chunk boundaries."""
+"""Small building blocks shared by every architecture: RMSNorm, RoPE, SwiGLU, weight packing."""
 from __future__ import annotations
 
 import torch
@@ -20,9 +20,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Normalise x over its last axis in fp32, cast back, then scale by weight (broadcast)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * weight
 
 
 class SwiGLU(nn.Module):
@@ -33,40 +38,50 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w13: Tensor | None = None  # w1 and w3 packed for one matrix product (see pack)
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.w1.weight, self.w1.in_features**-0.5)
         trunc_normal_(self.w3.weight, self.w3.in_features**-0.5)
         trunc_normal_(self.w2.weight, self.w2.in_features**-0.5)
 
+    def pack(self) -> None:
+        """Pack w1 and w3 into one matrix (they become views of it)."""
+        self.w13 = pack_([self.w1.weight, self.w3.weight], 0)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, -1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_tables(pos: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [..., dim] of rotate-half RoPE at positions pos [...]."""
+    inv_freq = theta ** (-torch.arange(0, dim // 2, device=pos.device, dtype=torch.float32) * 2 / dim)
+    ang = pos.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply RoPE tables cos, sin [..., D] (broadcast over the head axis -2) to x [..., H, D]."""
+    d = x.shape[-1]
+    xf = x.float()
+    rot = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], -1)
+    return (xf * cos.unsqueeze(-2) + rot * sin.unsqueeze(-2)).to(x.dtype)
 
 
 def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """Rotate-half RoPE. x: [..., T, H, D] (or [B, H, D] with pos [B]); pos broadcast to x[..., :-2]."""
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float32) * 2 / d)
-    ang = pos.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1).unsqueeze(-2)  # [..., 1, D]
-    sin = torch.cat([ang.sin(), ang.sin()], -1).unsqueeze(-2)
-    xf = x.float()
-    rot = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], -1)
-    return (xf * cos + rot * sin).to(x.dtype)
+    return rotate(x, *rope_tables(pos, x.shape[-1], theta))
 
 
-def is_boundary(pos: Tensor, chunk_size: int, offset: int) -> Tensor:
-    """Membership in B_l = {0} U {(k+1)P - 1 - o_l}: the last token of each chunk."""
-    return (pos == 0) | ((pos + 1 + offset) % chunk_size == 0)
-
-
-def chunk_start(pos: Tensor, chunk_size: int, offset: int) -> Tensor:
-    """True where a new chunk starts (SSM state and conv history are reset): t = 0 or t-1 in B_l."""
-    return (pos == 0) | ((pos >= 1) & is_boundary(pos - 1, chunk_size, offset))
-
-
-def num_boundaries(n, chunk_size: int, offset: int):
-    """|{b in B_l : b < n}|, the boundary entries a sequence of n tokens keeps (int or Tensor n)."""
-    # boundaries (k+1)P - 1 - o for k >= 0, below n; the one at 0 (o = P-1) is the {0} itself
-    count = 1 + (n + offset) // chunk_size - (1 if offset == chunk_size - 1 else 0)
-    return count * (n > 0)
+def pack_(params: list[nn.Parameter], dim: int | None) -> Tensor:
+    """One tensor holding params (concatenated along dim, or stacked when dim is None); each param
+    becomes a view into it, so the fused copy costs no extra memory and stays in sync."""
+    packed = torch.stack([p.data for p in params]) if dim is None else torch.cat([p.data for p in params], dim)
+    views = packed.unbind(0) if dim is None else packed.split([p.shape[dim] for p in params], dim)
+    for p, view in zip(params, views):
+        p.data = view
+    return packed

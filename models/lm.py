@@ -3,13 +3,16 @@
     h   = x + Wo Attn(q = Wq u, k = SSM_k(u) + u, v = SSM_v(u) + u)    u = RMSNorm(x)
     out = h + SwiGLU(RMSNorm(h))
 
-The transformer kinds replace the SSMs by Wk, Wv. Which keys a query sees is the only other
-difference between kinds (see models/attention.py). Three entry points:
-  forward(ids)                       whole sequences from position 0, no cache (training)
-  extend(ids, start, states, attend) a run of tokens after `start` cached ones (prefill)
-  step(tokens, pos, states, attend)  one token per row, each row at its own position (decode)
-`attend` callbacks own the key/value storage, so the dense cache in models/state.py and the
-engine's paged cache drive the same layers.
+The transformer kinds replace the SSMs by Wk, Wv (optionally grouped-query). Which keys a query
+sees is the only other difference between kinds (models/kv_spec.py). Entry points:
+  forward(ids)                        whole sequences from position 0, no cache (training)
+  decode(tokens, meta, caches)        the serving decode step: one token per row, reading and
+                                      writing the engine's paged pools in place (Block.forward,
+                                      Attention.forward and the fused ops in kernels/)
+  extend(ids, start, states, attend)  a run of tokens after `start` cached ones (prefill)
+  step(tokens, pos, states, attend)   one token per row with explicit dense state: the slow,
+                                      obviously correct twin of decode (models/state.py)
+`attend` callbacks own the key/value storage of the two reference paths.
 """
 from __future__ import annotations
 
@@ -17,11 +20,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kernels import decode_attention, ssm_step, store_kv
 
 from .attention import block_attention
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU, apply_rope, chunk_start, is_boundary, trunc_normal_
+from .kv_spec import CacheSpec, chunk_start
+from .layers import RMSNorm, SwiGLU, apply_rope, pack_, rms_norm, rotate, trunc_normal_
+from .paged import DecodeMetadata, LayerCache
 from .ssm import ChunkSSM, SSMState
 
 
@@ -40,21 +48,35 @@ class LayerSSMState:
 AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+@dataclass
+class _Packed:
+    """A layer's decode weights packed into few tensors (the parameters become views of them)."""
+
+    w_in: Tensor  # [q | k-SSM in_proj | v-SSM in_proj] rows, or [q | k | v]
+    conv: Tensor | None = None  # [2, C, conv_width]
+    A_log: Tensor | None = None  # [2, h]
+    D: Tensor | None = None  # [2, h]
+    norm: Tensor | None = None  # [2, E]
+    out: Tensor | None = None  # [2, d, E]
+
+
 class Attention(nn.Module):
     """The attention sub-layer: q from Wq; k, v from two chunk-resetting SSMs (or Wk, Wv)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
+        self.spec = CacheSpec.from_config(cfg).layers[layer]
         self.offset = cfg.layer_offset(layer)
         self.wq = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
         if cfg.has_ssm:
             args = (cfg.d_model, cfg.ssm_inner, cfg.ssm_state, cfg.ssm_heads, cfg.conv_width, cfg.norm_eps)
             self.ssm_k, self.ssm_v = ChunkSSM(*args), ChunkSSM(*args)
         else:
-            self.wk = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
-            self.wv = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
+            self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
+            self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
         self.wo = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.packed: _Packed | None = None
 
     def reset_parameters(self) -> None:
         std = self.cfg.d_model**-0.5
@@ -66,17 +88,57 @@ class Attention(nn.Module):
 
     def key_is_boundary(self, pos: Tensor) -> Tensor:
         """Which key positions stay visible to every later query (B_l; all or none for baselines)."""
-        if self.cfg.kind == "attamba":
-            return is_boundary(pos, self.cfg.chunk_size, self.offset)
-        return torch.full_like(pos, self.cfg.all_boundaries, dtype=torch.bool)
+        return self.spec.is_boundary(pos)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.cfg.num_attn_heads, self.cfg.head_dim))
+    def pack(self) -> None:
+        """Pack the decode weights (no copy is kept: the parameters become views)."""
+        if self.cfg.has_ssm:
+            k, v = self.ssm_k, self.ssm_v
+            self.packed = _Packed(
+                w_in=pack_([self.wq.weight, k.in_proj.weight, v.in_proj.weight], 0),
+                conv=pack_([k.conv_weight, v.conv_weight], None), A_log=pack_([k.A_log, v.A_log], None),
+                D=pack_([k.D, v.D], None), norm=pack_([k.norm.weight, v.norm.weight], None),
+                out=pack_([k.out_proj.weight, v.out_proj.weight], None))
+        else:
+            self.packed = _Packed(w_in=pack_([self.wq.weight, self.wk.weight, self.wv.weight], 0))
 
+    def _heads(self, x: Tensor, kv: bool = False) -> Tensor:
+        return x.unflatten(-1, (self.cfg.num_kv_heads if kv else self.cfg.num_attn_heads, self.cfg.head_dim))
+
+    # ---- the serving decode step ---------------------------------------------------------------
+    def forward(self, u: Tensor, meta: DecodeMetadata, cache: LayerCache) -> Tensor:
+        """u [B, d], one token per row -> the sub-layer's output [B, d]; K/V and SSM states are
+        written into the pools in place."""
+        q, k, v = self._qkv_decode(u, meta, cache)
+        store_kv(k, v, cache.k.flatten(0, 1), cache.v.flatten(0, 1), meta.bnd_store[self.layer])
+        if cache.win_k.shape[1]:
+            store_kv(k, v, cache.win_k.flatten(0, 1), cache.win_v.flatten(0, 1), meta.win_store)
+        o = decode_attention(q, cache.k, cache.v, meta.block_tables, meta.bnd_count[self.layer], cache.win_k,
+                             cache.win_v, meta.slots, meta.win_mask[self.layer], self.cfg.head_dim**-0.5)
+        return self.wo(o.flatten(-2))
+
+    def _qkv_decode(self, u: Tensor, meta: DecodeMetadata, cache: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, D] and k, v [B, Hkv, D] after RoPE, from the packed weights."""
+        cfg, w = self.cfg, self.packed
+        proj = F.linear(u, w.w_in)
+        if cfg.has_ssm:
+            E, C = cfg.ssm_inner, cfg.conv_channels
+            q, zxbcdt = proj[:, : cfg.attn_dim], proj[:, cfg.attn_dim :].unflatten(-1, (2, -1))  # [B, 2, 2E+2N+h]
+            z, xbc, dt = zxbcdt[..., :E], zxbcdt[..., E : E + C], zxbcdt[..., E + C :]
+            y = ssm_step(xbc, dt, cache.conv, cache.ssm, w.conv, w.A_log, w.D, meta.slots, meta.reset[self.layer])
+            y = rms_norm(y * F.silu(z), w.norm, cfg.norm_eps)  # [B, 2, E]: each SSM's gated norm
+            kv = torch.baddbmm(u.unsqueeze(0), y.transpose(0, 1), w.out.transpose(1, 2))  # [2, B, d]: SSM(u) + u
+            k, v = kv[0], kv[1]
+        else:
+            q, k, v = proj.split([cfg.attn_dim, cfg.kv_dim, cfg.kv_dim], -1)
+        return (rotate(self._heads(q), meta.cos, meta.sin), rotate(self._heads(k, True), meta.cos, meta.sin),
+                self._heads(v, True))
+
+    # ---- the reference paths -------------------------------------------------------------------
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
-        """u: [B, T, d] at shared positions pos [T] -> q, k, v [B, T, H, D] (RoPE applied)."""
+        """u: [B, T, d] at shared positions pos [T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied)."""
         theta = self.cfg.rope_theta
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
@@ -86,13 +148,13 @@ class Attention(nn.Module):
             k, v = self._heads(k + u), self._heads(v + u)
             new_state = LayerSSMState(sk, sv) if last is not None else None
         else:
-            k, v, new_state = self._heads(self.wk(u)), self._heads(self.wv(u)), None
+            k, v, new_state = self._heads(self.wk(u), True), self._heads(self.wv(u), True), None
         return apply_rope(q, pos, theta), apply_rope(k, pos, theta), v, new_state
 
     def project_step(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None,
     ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
-        """u: [B, d], each row at its own position pos [B] -> q, k, v [B, H, D]."""
+        """u: [B, d], each row at its own position pos [B] -> q [B, H, D], k, v [B, Hkv, D]."""
         theta = self.cfg.rope_theta
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
@@ -101,7 +163,7 @@ class Attention(nn.Module):
             v, sv = self.ssm_v.step(u, reset, state.v)
             k, v, new_state = self._heads(k + u), self._heads(v + u), LayerSSMState(sk, sv)
         else:
-            k, v, new_state = self._heads(self.wk(u)), self._heads(self.wv(u)), None
+            k, v, new_state = self._heads(self.wk(u), True), self._heads(self.wv(u), True), None
         return apply_rope(q, pos, theta), apply_rope(k, pos, theta), v, new_state
 
 
@@ -113,8 +175,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
+    def forward(self, x: Tensor, meta: DecodeMetadata, cache: LayerCache) -> Tensor:
+        """The decode step of one block: x [B, d] -> [B, d]."""
+        h = x + self.attn(self.attn_norm(x), meta, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
-        """Second half of the block, after attention output o [..., H, D]."""
+        """Second half of the block on the reference paths, after attention output o [..., H, D]."""
         h = x + self.attn.wo(o.flatten(-2))
         return h + self.ffn(self.ffn_norm(h))
 
@@ -129,11 +196,18 @@ class LM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the output head when the config says so."""
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
         std = self.config.d_model**-0.5
         trunc_normal_(self.embed.weight, std)
-        trunc_normal_(self.head.weight, std)
+        if not self.config.tie_embeddings:
+            trunc_normal_(self.head.weight, std)
         for blk in self.blocks:
             blk.attn.reset_parameters()
             blk.ffn.reset_parameters()
@@ -141,18 +215,32 @@ class LM(nn.Module):
             if isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
 
+    def pack(self) -> "LM":
+        """Pack every layer's decode weights (done once by the engine before serving)."""
+        for blk in self.blocks:
+            blk.attn.pack()
+            blk.ffn.pack()
+        return self
+
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids: [B, T] from position 0 -> logits [B, T, V]."""
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor) -> Tensor:
-            attn = self.blocks[layer].attn
-            return block_attention(q, k, v, qpos, qpos, attn.key_is_boundary(qpos), self.config.attn_window)
+            spec = self.blocks[layer].attn.spec
+            return block_attention(q, k, v, qpos, qpos, spec.is_boundary(qpos), spec.window)
 
         hidden, _ = self.extend(input_ids, 0, None, None, attend)
         return self.logits(hidden)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(self.norm(hidden)).float()
+
+    def decode(self, tokens: Tensor, meta: DecodeMetadata, caches: list[LayerCache]) -> Tensor:
+        """One token per row: tokens [B] -> logits [B, V], through the paged pools (call pack() first)."""
+        x = self.embed(tokens)
+        for blk, cache in zip(self.blocks, caches):
+            x = blk(x, meta, cache)
+        return self.logits(x)
 
     def extend(
         self, input_ids: Tensor, start: int, states: list[LayerSSMState] | None, last: Tensor | None, attend: AttendFn,

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import mamba_cuda
-from .layers import RMSNorm, chunk_start, trunc_normal_
+from .kv_spec import chunk_start
+from .layers import RMSNorm, trunc_normal_
 
 
 @dataclass

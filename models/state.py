@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .attention import block_attention, gathered_attention
 from .config import ModelConfig
-from .layers import num_boundaries
+from .kv_spec import CacheSpec, KeySpec
 from .lm import LM, AttendFn, LayerSSMState
 
 
@@ -51,31 +51,18 @@ class DecodeState:
         return sum(ls.kv.nbytes() + (ls.ssm.nbytes() if ls.ssm else 0) for ls in self.layers)
 
 
-def state_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16, ssm_dtype: torch.dtype = torch.float32,
+def state_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16,
                 conv_dtype: torch.dtype | None = None) -> int:
-    """Exact bytes one sequence of n tokens holds in the decode cache of model `cfg`."""
-    kv_b = torch.empty(0, dtype=kv_dtype).element_size()
-    entry = 2 * cfg.attn_dim * kv_b  # one K and one V
-    total = 0
-    for layer in range(cfg.n_layers):
-        if cfg.kind == "attamba":
-            total += num_boundaries(n, cfg.chunk_size, cfg.layer_offset(layer)) * entry
-        elif cfg.all_boundaries:
-            total += n * entry
-        total += cfg.window_slots * entry
-        if cfg.has_ssm:
-            conv_b = torch.empty(0, dtype=conv_dtype or kv_dtype).element_size()
-            ssm_b = torch.empty(0, dtype=ssm_dtype).element_size()
-            total += 2 * (cfg.ssm_inner * cfg.ssm_state * ssm_b + cfg.conv_channels * (cfg.conv_width - 1) * conv_b)
-    return total
+    """Exact bytes one sequence of n tokens holds in the decode cache of model `cfg` (SSM states fp32)."""
+    return CacheSpec.from_config(cfg).seq_bytes(n, kv_dtype, conv_dtype)
 
 
 def full_kv_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16) -> int:
     """Bytes a full-KV transformer with the same width and depth holds for n tokens."""
-    return cfg.n_layers * n * 2 * cfg.d_model * torch.empty(0, dtype=kv_dtype).element_size()
+    return CacheSpec.from_config(cfg).full_kv_bytes(n, kv_dtype)
 
 
-def _write(kv: LayerKV, cfg: ModelConfig, is_bnd: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
+def _write(kv: LayerKV, spec: KeySpec, is_bnd: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
     """Store one new K/V per row at positions pos [B] (k, v: [B, H, D])."""
     rows = torch.arange(k.shape[0], device=k.device)
     if bool(is_bnd.any()):
@@ -88,25 +75,23 @@ def _write(kv: LayerKV, cfg: ModelConfig, is_bnd: Tensor, k: Tensor, v: Tensor, 
         kv.bnd_k[r, kv.bnd_len[r]] = k[r].to(kv.bnd_k.dtype)
         kv.bnd_v[r, kv.bnd_len[r]] = v[r].to(kv.bnd_v.dtype)
         kv.bnd_len += is_bnd.long()
-    if cfg.window_slots:
-        slot = pos % cfg.window_slots
+    if spec.window_slots:
+        slot = pos % spec.window_slots
         kv.win_k[rows, slot] = k.to(kv.win_k.dtype)
         kv.win_v[rows, slot] = v.to(kv.win_v.dtype)
         kv.win_pos[rows, slot] = pos
 
 
 def _decode_attend(model: LM, state: DecodeState) -> AttendFn:
-    cfg = model.config
-
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         kv = state.layers[layer].kv
-        key_is_bnd = model.blocks[layer].attn.key_is_boundary
-        _write(kv, cfg, key_is_bnd(pos), k, v, pos)
+        spec = model.blocks[layer].attn.spec
+        _write(kv, spec, spec.is_boundary(pos), k, v, pos)
         m = kv.bnd_k.shape[1]
         parts = [(kv.bnd_k, kv.bnd_v, torch.arange(m, device=q.device)[None, :] < kv.bnd_len[:, None])]
-        if cfg.window_slots:
+        if spec.window_slots:
             wp = kv.win_pos
-            parts.append((kv.win_k, kv.win_v, (wp >= 0) & (wp >= pos[:, None] - cfg.attn_window) & ~key_is_bnd(wp)))
+            parts.append((kv.win_k, kv.win_v, (wp >= 0) & (wp >= pos[:, None] - spec.window) & ~spec.is_boundary(wp)))
         return gathered_attention(q, parts)
 
     return attend
@@ -128,10 +113,11 @@ def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
     layers: list[LayerKV] = []
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        is_bnd = model.blocks[layer].attn.key_is_boundary(pos)
-        extra = int(model.blocks[layer].attn.key_is_boundary(torch.arange(T, T + reserve, device=dev)).sum())
-        layers.append(_collect(cfg, k, v, pos, is_bnd, lengths, kv_dtype, extra))
-        return block_attention(q, k, v, pos, pos, is_bnd, cfg.attn_window)
+        spec = model.blocks[layer].attn.spec
+        is_bnd = spec.is_boundary(pos)
+        extra = int(spec.num_entries(T + reserve) - spec.num_entries(T))
+        layers.append(_collect(spec, k, v, pos, is_bnd, lengths, kv_dtype, extra))
+        return block_attention(q, k, v, pos, pos, is_bnd, spec.window)
 
     hidden, ssm = model.extend(input_ids, 0, None, lengths - 1, attend)
     state = DecodeState(
@@ -141,7 +127,7 @@ def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
     return model.logits(hidden), state
 
 
-def _collect(cfg: ModelConfig, k: Tensor, v: Tensor, pos: Tensor, is_bnd: Tensor, lengths: Tensor,
+def _collect(spec: KeySpec, k: Tensor, v: Tensor, pos: Tensor, is_bnd: Tensor, lengths: Tensor,
              kv_dtype: torch.dtype, extra: int = 0) -> LayerKV:
     """Build one layer's cache from a prefill's K/V [B, T, H, D]."""
     bsz = k.shape[0]
@@ -155,7 +141,7 @@ def _collect(cfg: ModelConfig, k: Tensor, v: Tensor, pos: Tensor, is_bnd: Tensor
         sel = is_bnd & (pos < lengths[b])
         bnd_k[b, : int(counts[b])] = k[b, sel]
         bnd_v[b, : int(counts[b])] = v[b, sel]
-    W = cfg.window_slots
+    W = spec.window_slots
     win_k = k.new_zeros(bsz, W, H, D, dtype=kv_dtype)
     win_v = torch.zeros_like(win_k)
     win_pos = torch.full((bsz, W), -1, dtype=torch.long, device=dev)

@@ -32,7 +32,7 @@ def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str) -> None:
     prompts = prompts_of([1, 3, 9, 31, 70], model.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     # small chunks, small budget: chunked prefill mixed with decodes, and preemption
-    layout = CacheLayout(model.config, 4, torch.float32)
+    layout = CacheLayout.for_model(model.config, 4, torch.float32)
     budget = 4 * layout.slot_bytes + layout.block_bytes * (layout.blocks(82) + 1)  # one long sequence and a bit
     llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, cache_memory=budget, max_num_seqs=4)
     outs = llm.generate(prompts, params)

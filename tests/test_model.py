@@ -6,7 +6,7 @@ import torch
 
 from models import ModelConfig, build_model, decode_step, full_kv_bytes, load_model, prefill, save_checkpoint, state_bytes
 from models.attention import block_attention, dense_attention_ref, visible
-from models.layers import chunk_start, is_boundary, num_boundaries
+from models.kv_spec import CacheSpec, chunk_start, is_boundary, num_boundaries
 from models.loading import CheckpointError
 from models.ssm import ChunkSSM, chunk_ids, ssd_banded, ssd_recurrent_ref
 
@@ -55,10 +55,10 @@ def test_block_attention_equals_dense_mask(kind: str, P: int, L: int) -> None:
     T, H, D = 37, 2, 8
     q, k, v = (torch.randn(2, T, H, D) for _ in range(3))
     pos = torch.arange(T)
-    cfg = tiny(kind, P, L)
-    bnd = is_boundary(pos, P, 1) if kind == "attamba" else torch.full((T,), kind == "transformer")
-    ref = dense_attention_ref(q, k, v, pos, bnd, cfg.attn_window)
-    out = block_attention(q, k, v, pos, pos, bnd, cfg.attn_window, block=5)
+    spec = CacheSpec.from_config(tiny(kind, P, L)).layers[1]
+    bnd = spec.is_boundary(pos)
+    ref = dense_attention_ref(q, k, v, pos, bnd, spec.window)
+    out = block_attention(q, k, v, pos, pos, bnd, spec.window, block=5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -71,6 +71,30 @@ def test_visibility_is_the_papers_rule() -> None:
         want = [s for s in range(T) if s <= t and (s in bset or s >= t - L)]
         assert mask[t].nonzero().squeeze(1).tolist() == want
         assert mask[t, 0]  # token 0 is always visible
+
+
+@pytest.mark.parametrize("kind,P,L", [("attamba", 4, 3), ("attamba", 8, 0), ("attamba", 3, 5), ("sliding", 4, 3),
+                                      ("transformer", 4, 3), ("pseudo", 4, 3)])
+def test_key_spec_agrees_with_the_mask(kind: str, P: int, L: int) -> None:
+    """Entries kept, keys read, window ring and bytes all follow from the one visibility rule."""
+    cfg = tiny(kind, P, L)
+    cache = CacheSpec.from_config(cfg)
+    T, horizon = 40, 60  # queries up to T, looked at by later queries up to the horizon
+    pos = torch.arange(horizon)
+    for layer, spec in enumerate(cache.layers):
+        mask = spec.visible(pos, pos)  # [horizon, horizon]
+        for t in range(T):
+            # keys no later query can lose are exactly the boundaries: what the blocks keep
+            kept_forever = [s for s in range(t) if all(mask[u, s] for u in range(s, horizon))]
+            assert int(spec.num_entries(t)) == len(kept_forever)
+            assert spec.keys_seen(t) == int(mask[t].sum())
+            # every visible key is a boundary or inside the window ring
+            assert all(spec.is_boundary(torch.tensor(s)) or t - s < max(spec.window_slots, 1) for s in range(t + 1) if mask[t, s])
+        assert torch.equal(cache.is_boundary(pos)[layer], spec.is_boundary(pos))
+        assert torch.equal(cache.chunk_start(pos)[layer], chunk_start(pos, P, spec.offset))
+        assert torch.equal(cache.num_entries(pos)[layer], spec.num_entries(pos))
+    full = CacheSpec.from_config(cfg.replace(kind="transformer"))
+    assert full.seq_bytes(T, torch.float32) == cache.full_kv_bytes(T, torch.float32) or cfg.kind == "reduced"
 
 
 # ---- SSM -------------------------------------------------------------------------------------------
