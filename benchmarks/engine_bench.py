@@ -54,7 +54,7 @@ def _checkpoint(root: Path, kind: str) -> Path:
 
 def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
     """Put `batch` running sequences with `ctx` cached tokens into the engine, ready to decode."""
-    W = engine.config.window_slots
+    W = engine.runner.spec.window_slots
     for i in range(batch):
         seq = Sequence(f"fill{i}", 0, [5] * ctx, SamplingParams(max_tokens=steps + 2, ignore_eos=True), steps + 2,
                        engine.tokenizer.incremental_decoder())

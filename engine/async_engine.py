@@ -12,6 +12,7 @@ import threading
 from typing import AsyncIterator
 
 from .config import EngineArgs
+from .input_processor import PreparedRequest
 from .llm_engine import LLMEngine
 from .outputs import EngineDead, EngineStats, QueueFull, StreamDelta
 from .sampling_params import SamplingParams
@@ -58,14 +59,15 @@ class AsyncEngine:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return self.engine.encode_prompt(prompt)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_request(prompt_ids, params)
+    def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
+        """Validate a request once (ValueError / ContextLengthExceeded when it can never run)."""
+        return self.engine.prepare(prompt, params)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
-        """Stream the deltas of all params.n completions; leaving early aborts the request."""
+    async def generate(self, request_id: str, request: PreparedRequest) -> AsyncIterator[StreamDelta]:
+        """Stream the deltas of all n completions; leaving early aborts the request."""
         if not self.is_alive:
             raise EngineDead("the engine is not running")
-        self.check_request(prompt_ids, params)
+        params = request.params
         if self._stats.num_waiting + self._pending + params.n > self.engine.args.max_waiting:
             raise QueueFull("the waiting queue is full, retry later")
         if request_id in self._streams:
@@ -74,7 +76,7 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), out)
         with self._pending_lock:
             self._pending += params.n
-        self._send(("add", request_id, prompt_ids, params))
+        self._send(("add", request_id, request))
         remaining = params.n
         try:
             while remaining:
@@ -117,12 +119,12 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params = cmd
+                _, rid, request = cmd
                 with self._pending_lock:
-                    self._pending -= params.n
+                    self._pending -= request.params.n
                 try:
-                    self.engine.add_request(rid, ids, params)
-                except (ValueError, QueueFull) as exc:
+                    self.engine.add_request(rid, request)
+                except ValueError as exc:  # a duplicate request id
                     self._deliver(rid, exc)
             else:
                 self.engine.abort_request(cmd[1])

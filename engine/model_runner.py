@@ -116,6 +116,26 @@ class ModelRunner:
             self.win_pos[seq.slot, last % W] = last
         return self.model.logits(hidden[0, -1]) if want_logits else None
 
+    # ---- one scheduled batch ---------------------------------------------------------------------------
+    def run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:
+        """Compute each sequence's scheduled tokens. Returns the sequences that sample a token now
+        (decodes, and prefills that reach the end of their tokens) and their logits [n, V]."""
+        # one new token after cached ones is a decode; everything else is a prefill chunk
+        decodes = [seq for seq, n in work if n == 1 and seq.num_computed > 0]
+        seqs, logits = [], []
+        for seq, n in work:
+            if n == 1 and seq.num_computed > 0:
+                continue
+            done = seq.num_computed + n == seq.num_tokens
+            row = self.prefill(seq, n, want_logits=done)
+            if done:
+                seqs.append(seq)
+                logits.append(row[None])
+        if decodes:
+            seqs += decodes
+            logits.append(self.decode(decodes))
+        return seqs, (torch.cat(logits) if logits else None)
+
     # ---- decode (a batch of sequences, one token each) ---------------------------------------------------
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> Tensor:

@@ -1,5 +1,6 @@
 """Continuous batching: FCFS admission by free cache, chunked prefill under a token budget mixed
-with decodes, and preemption by recompute when the pools run out. Never touches tensors."""
+with decodes, and preemption by recompute when the pools run out. The scheduler owns each
+sequence's progress (advance, finish, preempt) and never touches tensors."""
 from __future__ import annotations
 
 from collections import deque
@@ -67,6 +68,11 @@ class Scheduler:
             batch.work.append((seq, n))
             budget -= n
         return batch
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Record that the batch's tokens are now in the cache."""
+        for seq, n in batch.work:
+            seq.num_computed += n
 
     def _make_room(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Preempt the newest unscheduled running sequences until seq can hold n tokens.

@@ -1,4 +1,4 @@
-"""Per-sequence stop conditions: EOS, stop token ids, stop strings, length."""
+"""Per-sequence stop conditions: EOS, stop token ids, stop strings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ def check_stop(
     text: str,
     new_text_start: int,
     token_id: int,
-    num_generated: int,
     params: SamplingParams,
     eos_token_id: int | None,
 ) -> tuple[str | None, int | None]:
@@ -17,7 +16,7 @@ def check_stop(
 
     ``text`` is the full output text so far, of which ``text[new_text_start:]`` was
     added by this token. Returns ``(finish_reason, truncate_at)``: finish_reason is
-    "stop", "length" or None; truncate_at is the index at which ``text`` must be cut
+    "stop" or None (the length limit is the output processor's); truncate_at is the index at which ``text`` must be cut
     (dropping the stop string) when a stop string matched, else None. A stop string
     counts only if it overlaps the new text; the earliest such match wins.
     """
@@ -32,8 +31,6 @@ def check_stop(
     ]
     if matches:
         return "stop", min(matches)
-    if params.max_tokens is not None and num_generated >= params.max_tokens:
-        return "length", None
     return None, None
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._rows import live_rows
+from ._rows import cast, live_rows
 
 
 def decode_attention_ref(
@@ -32,17 +32,18 @@ def decode_attention_ref(
         return out
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
-    qg = q.float().view(B, Hkv, H // Hkv, D) * scale  # [B, Hkv, G, D]
-    kb = k_cache[block_tables].flatten(1, 2).float()  # [B, n, Hkv, D]
-    vb = v_cache[block_tables].flatten(1, 2).float()
+    f32 = torch.float32
+    qg = cast(q, f32).view(B, Hkv, H // Hkv, D) * scale  # [B, Hkv, G, D]
+    kb = cast(k_cache[block_tables].flatten(1, 2), f32)  # [B, n, Hkv, D]
+    vb = cast(v_cache[block_tables].flatten(1, 2), f32)
     scores = torch.einsum("bkgd,bnkd->bkgn", qg, kb)
     scores = scores.masked_fill((torch.arange(kb.shape[1], device=q.device) >= context_lens[:, None])[:, None, None], float("-inf"))
     if win_k.shape[1]:  # the ring joins the same softmax; its scores, not its keys, are concatenated
-        kw, vw = win_k[slots].float(), win_v[slots].float()  # [B, W, Hkv, D]
+        kw, vw = cast(win_k[slots], f32), cast(win_v[slots], f32)  # [B, W, Hkv, D]
         sw = torch.einsum("bkgd,bwkd->bkgw", qg, kw).masked_fill(~win_mask[:, None, None, :], float("-inf"))
         probs = torch.softmax(torch.cat([scores, sw], -1), -1)
         out = torch.einsum("bkgn,bnkd->bkgd", probs[..., : kb.shape[1]], vb)
         out = out + torch.einsum("bkgw,bwkd->bkgd", probs[..., kb.shape[1] :], vw)
     else:
         out = torch.einsum("bkgn,bnkd->bkgd", torch.softmax(scores, -1), vb)
-    return out.reshape(B, H, D).to(q.dtype)
+    return cast(out.reshape(B, H, D), q.dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._rows import live_rows
+from ._rows import cast, live_rows
 
 
 def ssm_step_ref(
@@ -35,17 +35,18 @@ def ssm_step_ref(
         y = xbc.new_zeros(xbc.shape[0], G, E)
         y[live] = ssm_step_ref(xbc[live], dt[live], conv_state, ssm_state, conv_weight, A_log, D, slots[live], reset[live])
         return y
-    keep = (~reset).to(xbc.dtype)[:, None, None, None]  # [B, 1, 1, 1]: 0 zeroes the state at a chunk start
-    hist = conv_state[:, slots].transpose(0, 1).to(xbc.dtype) * keep  # [B, G, C, W-1]
-    window = torch.cat([hist, xbc[..., None]], -1)  # [B, G, C, W]
-    conv_state[:, slots] = window[..., 1:].transpose(0, 1).to(conv_state.dtype)
-    act = F.silu((window * conv_weight.to(xbc.dtype)).sum(-1)).float()  # [B, G, C]
-    x = act[..., :E].unflatten(-1, (h, p))  # [B, G, h, p]
-    Bm, Cm = act[..., E : E + N], act[..., E + N :]  # [B, G, N]
-    dt = F.softplus(dt.float())  # [B, G, h]
-    decay = torch.exp(dt * -torch.exp(A_log.float()))  # [B, G, h]
-    S = ssm_state[:, slots].transpose(0, 1) * keep.float()[..., None]  # [B, G, h, p, N]
+    f32 = torch.float32
+    keep = (~reset).to(xbc.dtype).view(1, -1, 1, 1)  # 0 zeroes a row's state at a chunk start
+    xbc = xbc.transpose(0, 1)  # [G, B, C]: the pools' order
+    window = torch.cat([cast(conv_state[:, slots], xbc.dtype) * keep, xbc[..., None]], -1)  # [G, B, C, W]
+    conv_state[:, slots] = cast(window[..., 1:], conv_state.dtype)
+    act = cast(F.silu((window * cast(conv_weight, xbc.dtype)[:, None]).sum(-1)), f32)  # [G, B, C]
+    x = act[..., :E].unflatten(-1, (h, p))  # [G, B, h, p]
+    Bm, Cm = act[..., E : E + N], act[..., E + N :]  # [G, B, N]
+    dt = F.softplus(cast(dt, f32)).transpose(0, 1)  # [G, B, h]
+    decay = torch.exp(dt * -torch.exp(cast(A_log, f32))[:, None])
+    S = ssm_state[:, slots] * cast(keep, f32)[..., None]  # [G, B, h, p, N]
     S = S * decay[..., None, None] + (dt[..., None] * x)[..., None] * Bm[:, :, None, None, :]
-    ssm_state[:, slots] = S.transpose(0, 1)
-    y = (S @ Cm[:, :, None, :, None]).squeeze(-1) + x * D.float()[..., None]  # [B, G, h, p]
-    return y.flatten(-2).to(xbc.dtype)
+    ssm_state[:, slots] = S
+    y = (S @ Cm[:, :, None, :, None]).squeeze(-1) + x * cast(D, f32)[:, None, :, None]  # [G, B, h, p]
+    return cast(y.flatten(-2).transpose(0, 1), xbc.dtype)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ._rows import cast
+
 
 def store_kv_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """k, v [B, Hkv, D] -> k_cache, v_cache [num_entries, Hkv, D] at slot_mapping [B] (-1 skipped)."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache[slot_mapping] = k.to(k_cache.dtype)
-    v_cache[slot_mapping] = v.to(v_cache.dtype)
+    k_cache[slot_mapping] = cast(k, k_cache.dtype)
+    v_cache[slot_mapping] = cast(v, v_cache.dtype)

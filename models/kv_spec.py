@@ -123,11 +123,12 @@ class CacheSpec:
         return self.ssm_state_elems > 0
 
     @cached_property
-    def offsets(self) -> tuple[int, ...]:
-        return tuple(spec.offset for spec in self.layers)
+    def _offsets_cpu(self) -> Tensor:
+        return torch.tensor([spec.offset for spec in self.layers])
 
     def _offsets(self, pos: Tensor) -> Tensor:
-        return torch.tensor(self.offsets, device=pos.device).view(-1, *([1] * pos.dim()))
+        """Layer offsets [L, 1, ...] broadcasting against pos."""
+        return self._offsets_cpu.to(pos.device).view(-1, *([1] * pos.dim()))
 
     def is_boundary(self, pos: Tensor) -> Tensor:
         """[n_layers, *pos.shape]: every layer's answer at once (one op chain, for step metadata)."""

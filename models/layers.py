@@ -57,19 +57,19 @@ class SwiGLU(nn.Module):
 
 
 def rope_tables(pos: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [..., dim] of rotate-half RoPE at positions pos [...]."""
+    """cos, sin [..., 1, dim] of rotate-half RoPE at positions pos [...] (the 1 broadcasts over heads)."""
     inv_freq = theta ** (-torch.arange(0, dim // 2, device=pos.device, dtype=torch.float32) * 2 / dim)
-    ang = pos.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
+    ang = pos.to(torch.float32)[..., None, None] * inv_freq  # [..., 1, D/2]
     ang = torch.cat([ang, ang], -1)
     return ang.cos(), ang.sin()
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE tables cos, sin [..., D] (broadcast over the head axis -2) to x [..., H, D]."""
+    """Apply RoPE tables cos, sin [..., 1, D] to x [..., H, D] (computed in fp32)."""
     d = x.shape[-1]
-    xf = x.float()
-    rot = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], -1)
-    return (xf * cos.unsqueeze(-2) + rot * sin.unsqueeze(-2)).to(x.dtype)
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = xf * cos + torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], -1) * sin
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:

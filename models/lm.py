@@ -110,9 +110,9 @@ class Attention(nn.Module):
         """u [B, d], one token per row -> the sub-layer's output [B, d]; K/V and SSM states are
         written into the pools in place."""
         q, k, v = self._qkv_decode(u, meta, cache)
-        store_kv(k, v, cache.k.flatten(0, 1), cache.v.flatten(0, 1), meta.bnd_store[self.layer])
+        store_kv(k, v, cache.k_flat, cache.v_flat, meta.bnd_store[self.layer])
         if cache.win_k.shape[1]:
-            store_kv(k, v, cache.win_k.flatten(0, 1), cache.win_v.flatten(0, 1), meta.win_store)
+            store_kv(k, v, cache.win_k_flat, cache.win_v_flat, meta.win_store)
         o = decode_attention(q, cache.k, cache.v, meta.block_tables, meta.bnd_count[self.layer], cache.win_k,
                              cache.win_v, meta.slots, meta.win_mask[self.layer], self.cfg.head_dim**-0.5)
         return self.wo(o.flatten(-2))

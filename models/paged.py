@@ -27,6 +27,11 @@ class LayerCache:
     conv: Tensor | None  # [2, S, C, conv_width - 1] K- and V-SSM conv histories (SSM kinds)
     ssm: Tensor | None  # [2, S, h, E/h, N] fp32 recurrent states
 
+    def __post_init__(self) -> None:
+        # the same memory as [entries, Hkv, D] rows, where store_kv writes
+        self.k_flat, self.v_flat = self.k.flatten(0, 1), self.v.flatten(0, 1)
+        self.win_k_flat, self.win_v_flat = self.win_k.flatten(0, 1), self.win_v.flatten(0, 1)
+
 
 @dataclass
 class DecodeMetadata:
@@ -40,7 +45,7 @@ class DecodeMetadata:
     bnd_count: Tensor  # [L, B] boundary entries each row reads, this token's included
     win_store: Tensor  # [B] flat ring entry (slot * W + position % W), -1 for padding
     win_mask: Tensor  # [L, B, W] ring entries each row reads (in the window, not a boundary)
-    cos: Tensor  # [B, D] RoPE tables at positions
+    cos: Tensor  # [B, 1, D] RoPE tables at positions
     sin: Tensor
 
 

@@ -8,6 +8,7 @@ import uuid
 
 from engine.async_engine import AsyncEngine
 from engine.config import add_engine_args, engine_args_from
+from engine.input_processor import PreparedRequest
 from engine.sampling_params import SamplingParams
 
 
@@ -21,8 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
 
 
-async def _stream(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams) -> None:
-    async for delta in engine.generate(f"generate-{uuid.uuid4().hex}", prompt_ids, params):
+async def _stream(engine: AsyncEngine, request: PreparedRequest) -> None:
+    async for delta in engine.generate(f"generate-{uuid.uuid4().hex}", request):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -32,11 +33,10 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     engine = AsyncEngine(engine_args_from(args))
-    prompt_ids = engine.encode_prompt(args.prompt)
-    engine.check_request(prompt_ids, params)
+    request = engine.prepare(args.prompt, params)
     engine.start()
     try:
-        asyncio.run(_stream(engine, prompt_ids, params))
+        asyncio.run(_stream(engine, request))
     finally:
         engine.shutdown()
     return 0

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypeVar
 from starlette.requests import Request
 
 from engine.outputs import EngineDead, QueueFull, StreamDelta
-from engine.sampling_params import SamplingParams
+from engine.input_processor import PreparedRequest
 from server.errors import APIError
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
@@ -49,12 +49,12 @@ class Generation:
     """The delta stream of one request, opened with `start()` and always closed with `close()`."""
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, lifecycle: Lifecycle, request_id: str,
-                 prompt_ids: list[int], params: SamplingParams) -> None:
+                 request: PreparedRequest) -> None:
         self.engine, self.lifecycle, self.request_id = engine, lifecycle, request_id
-        self.prompt_tokens = len(prompt_ids)
-        self.timer = metrics.track(params.n)
+        self.prompt_tokens = len(request.prompt_ids)
+        self.timer = metrics.track(request.params.n)
         self.completion_tokens: dict[int, int] = {}
-        self._stream = engine.generate(request_id, prompt_ids, params)
+        self._stream = engine.generate(request_id, request)
         self._first: StreamDelta | None = None
         self._closed = False
         lifecycle.enter()

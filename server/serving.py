@@ -70,9 +70,8 @@ class Serving:
             raise APIError(400, str(exc), "invalid_prompt", prompt_param) from exc
         self.check_ready()
         try:
-            self.engine.check_request(prompt_ids, params)
-            gen = Generation(self.engine, self.metrics, self.lifecycle, f"{prefix}-{uuid.uuid4().hex}", prompt_ids,
-                             params)
+            prepared = self.engine.prepare(prompt_ids, params)
+            gen = Generation(self.engine, self.metrics, self.lifecycle, f"{prefix}-{uuid.uuid4().hex}", prepared)
             await gen.start(request)
         except ContextLengthExceeded as exc:
             raise APIError(400, str(exc), "context_length_exceeded", prompt_param) from exc

@@ -97,9 +97,9 @@ def test_bad_requests_are_rejected_before_queuing(tiny_ckpt) -> None:
         engine.add_request("b", [], SamplingParams())
     with pytest.raises(ValueError):
         engine.add_request("c", [10**6], SamplingParams())
+    with pytest.raises(ValueError, match="never be admitted"):  # more than the queue can ever hold
+        engine.add_request("e", "hello", SamplingParams(n=3))
     engine.add_request("d", "hello", SamplingParams(n=2))
-    with pytest.raises(QueueFull):
-        engine.add_request("e", "hello", SamplingParams())
     assert len(engine.scheduler.waiting) == 2
 
 
@@ -136,10 +136,10 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
     eng.start()
     try:
         async def collect(rid: str, params: SamplingParams) -> list:
-            return [d async for d in eng.generate(rid, eng.encode_prompt("The history of"), params)]
+            return [d async for d in eng.generate(rid, eng.prepare("The history of", params))]
 
         async def abort_early() -> None:
-            stream = eng.generate("b", eng.encode_prompt("In 1914"), SamplingParams(max_tokens=500, ignore_eos=True))
+            stream = eng.generate("b", eng.prepare("In 1914", SamplingParams(max_tokens=500, ignore_eos=True)))
             async for _ in stream:
                 break
             await stream.aclose()
@@ -154,6 +154,11 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
                     break
                 await asyncio.sleep(0.01)
             assert eng.stats().cache_bytes_used == 0
+            with pytest.raises(QueueFull):  # the bound holds at the front, before the loop sees the request
+                full = eng.prepare("x", SamplingParams(n=eng.engine.args.max_waiting))
+                eng._pending = 1
+                await anext(eng.generate("d", full))
+            eng._pending = 0
 
         asyncio.run(main())
         llm_text = LLM(str(tiny_ckpt)).generate("The history of", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text

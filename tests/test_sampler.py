@@ -227,42 +227,41 @@ EOS = 2
 
 
 def test_eos_and_ignore_eos() -> None:
-    assert check_stop("hi", 2, EOS, 1, SamplingParams(), EOS) == ("stop", None)
-    assert check_stop("hi", 2, EOS, 1, SamplingParams(ignore_eos=True), EOS) == (None, None)
-    assert check_stop("hi", 2, EOS, 1, SamplingParams(), None) == (None, None)
+    assert check_stop("hi", 2, EOS, SamplingParams(), EOS) == ("stop", None)
+    assert check_stop("hi", 2, EOS, SamplingParams(ignore_eos=True), EOS) == (None, None)
+    assert check_stop("hi", 2, EOS, SamplingParams(), None) == (None, None)
 
 
 def test_stop_token_ids() -> None:
     params = SamplingParams(stop_token_ids=[7, 9], ignore_eos=True)
-    assert check_stop("abc", 2, 9, 3, params, EOS) == ("stop", None)
-    assert check_stop("abc", 2, 8, 3, params, EOS) == (None, None)
+    assert check_stop("abc", 2, 9, params, EOS) == ("stop", None)
+    assert check_stop("abc", 2, 8, params, EOS) == (None, None)
 
 
 def test_stop_string_spanning_tokens() -> None:
     params = SamplingParams(stop=["END"])
-    assert check_stop("hello E", 6, 10, 2, params, EOS) == (None, None)
-    assert check_stop("hello EN", 7, 11, 3, params, EOS) == (None, None)
-    assert check_stop("hello ENDx", 8, 12, 4, params, EOS) == ("stop", 6)
+    assert check_stop("hello E", 6, 10, params, EOS) == (None, None)
+    assert check_stop("hello EN", 7, 11, params, EOS) == (None, None)
+    assert check_stop("hello ENDx", 8, 12, params, EOS) == ("stop", 6)
 
 
 def test_stop_string_must_overlap_new_text() -> None:
     params = SamplingParams(stop=["ab"])
-    assert check_stop("ab cd", 3, 5, 2, params, EOS) == (None, None)
-    assert check_stop("xab", 2, 5, 2, params, EOS) == ("stop", 1)
-    assert check_stop("ab", 2, 5, 2, params, EOS) == (None, None)
+    assert check_stop("ab cd", 3, 5, params, EOS) == (None, None)
+    assert check_stop("xab", 2, 5, params, EOS) == ("stop", 1)
+    assert check_stop("ab", 2, 5, params, EOS) == (None, None)
 
 
 def test_earliest_stop_string_wins() -> None:
     params = SamplingParams(stop=["cd", "bcde"])
-    assert check_stop("abcdef", 3, 5, 1, params, EOS) == ("stop", 1)
+    assert check_stop("abcdef", 3, 5, params, EOS) == ("stop", 1)
 
 
-def test_length() -> None:
+def test_stop_is_not_length() -> None:
+    """check_stop never decides "length": that rule is the output processor's alone."""
     params = SamplingParams(max_tokens=3)
-    assert check_stop("abc", 2, 5, 2, params, EOS) == (None, None)
-    assert check_stop("abc", 2, 5, 3, params, EOS) == ("length", None)
-    assert check_stop("abc", 2, 5, 10**6, SamplingParams(max_tokens=None), EOS) == (None, None)
-    assert check_stop("STOP", 0, 5, 3, SamplingParams(max_tokens=3, stop="STOP"), EOS) == ("stop", 0)
+    assert check_stop("abc", 2, 5, params, EOS) == (None, None)
+    assert check_stop("STOP", 0, 5, SamplingParams(max_tokens=3, stop="STOP"), EOS) == ("stop", 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -273,9 +272,9 @@ def test_length() -> None:
 def test_incremental_stop_matches_brute_force(chunks: list[str], stops: list[str]) -> None:
     params = SamplingParams(stop=stops, max_tokens=None)
     text = ""
-    for step, chunk in enumerate(chunks, start=1):
+    for chunk in chunks:
         start, text = len(text), text + chunk
-        reason, cut = check_stop(text, start, 5, step, params, EOS)
+        reason, cut = check_stop(text, start, 5, params, EOS)
         found = [i for s in stops if (i := text.find(s)) != -1]
         if found:
             assert (reason, cut) == ("stop", min(found))
