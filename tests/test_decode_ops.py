@@ -88,7 +88,6 @@ def test_paged_decode_with_padding_row_equals_dense_decode(tmp_path, tokenizer_f
     extra = {"n_kv_heads": 2} if kind == "transformer" else {}
     path = make_checkpoint(tmp_path, tokenizer_file, kind, **extra)
     engine = LLMEngine(EngineArgs(model=str(path), block_size=2, max_num_batched_tokens=64, dtype=dtype))
-    tol = 1e-4 if dtype == "float32" else 0.1  # logits are O(1); bf16 keeps ~3 significant digits
     model = load_model(path)
     prompts = [[5, 9, 3, 7, 11, 2, 8], [4, 6], [13, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]]
     for i, p in enumerate(prompts):
@@ -109,6 +108,9 @@ def test_paged_decode_with_padding_row_equals_dense_decode(tmp_path, tokenizer_f
         else:
             logits = engine.runner.decode(seqs)
         for s, got, want in zip(seqs, logits, refs):
-            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            if dtype == "float32":
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            else:  # bf16 keeps ~3 significant digits of weights and cache: compare the distributions
+                torch.testing.assert_close(got.softmax(-1), want.softmax(-1), atol=5e-3, rtol=0)
             s.num_computed += 1
             s.output_ids.append(int(got.argmax()))
