@@ -4,23 +4,34 @@ The backend is "auto" (the Triton kernel for CUDA tensors when triton imports, e
 `_ref`), "triton" (always the kernel: on CPU tensors that needs TRITON_INTERPRET=1) or "torch"
 (always the `_ref`); it comes from `set_backend` or else the ATTAMBA_KERNELS environment variable.
 
-Kernels and their helpers are decorated with `jit`, which defers `triton.jit` to the first launch:
-whether a kernel is interpreted is decided then, so a test can set TRITON_INTERPRET=1 after the
-package imports.
+triton is imported at the first use, and kernels and their helpers are decorated with `jit`, which
+defers `triton.jit` to the first launch: whether kernels are interpreted is decided then, so a test
+can set TRITON_INTERPRET=1 after the package imports (but before any kernel runs).
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from functools import lru_cache
+from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the `_ref`s serve every device
-    triton = tl = None
+# triton.language, bound in each kernel module at its first launch (kernels refer to it as `tl`)
+tl: Any = None
+
+
+@lru_cache(maxsize=1)
+def load_triton() -> ModuleType | None:
+    """triton, imported at first use: its standard library (tl.sum, ...) is built for the interpreter
+    or for compilation when it is imported, so TRITON_INTERPRET must be set by then."""
+    try:
+        import triton
+    except ImportError:  # the `_ref`s serve every device
+        return None
+    return triton
+
 
 BACKENDS = ("auto", "triton", "torch")
 ENV = "ATTAMBA_KERNELS"
@@ -60,12 +71,12 @@ def interpreting() -> bool:
 def use_triton(t: Tensor) -> bool:
     """Whether an op on tensor t runs its Triton kernel."""
     name = get_backend()
-    if name == "torch" or (name == "auto" and not (t.is_cuda and triton is not None)):
+    if name == "torch" or (name == "auto" and not (t.is_cuda and load_triton() is not None)):
         return False
-    if triton is None:
+    if load_triton() is None:
         raise RuntimeError(f"{ENV}=triton but triton is not installed")
     if not t.is_cuda and not interpreting():
-        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before the first launch)")
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1, set before triton is imported")
     return True
 
 
@@ -84,7 +95,9 @@ class _Deferred:
 
 def _jit_module(namespace: dict[str, Any]) -> None:
     """jit every deferred function of a module at once and put the results in its namespace, where
-    kernels look up the helpers they call."""
+    kernels look up `tl` and the helpers they call."""
+    triton = load_triton()
+    namespace["tl"] = triton.language
     for name, obj in list(namespace.items()):
         if isinstance(obj, _Deferred):
             obj.jitted = namespace[name] = triton.jit(obj.fn)
