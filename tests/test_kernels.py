@@ -241,3 +241,40 @@ def test_paper_dims_on_cuda(dtype: torch.dtype) -> None:
         close(kernels.decode_attention_triton(**inp), kernels.decode_attention_ref(**inp), dtype)
     inp = attn_inputs(4, 32, 8, 128, 16, 0, 2048, dtype, seed=9)  # grouped-query heads at Llama sizes
     close(kernels.decode_attention_triton(**inp), kernels.decode_attention_ref(**inp), dtype)
+
+
+# ---- prefill through mamba-ssm (models/mamba_cuda.py) -------------------------------------------------
+def test_mamba_ssd_imports_without_the_package_init(tmp_path, monkeypatch) -> None:
+    """The SSD's modules load while the package __init__ (which needs the CUDA extension) never runs."""
+    from models import mamba_cuda
+
+    pkg = tmp_path / "mamba_ssm"
+    (pkg / "ops" / "triton").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import selective_scan_cuda\n")
+    (pkg / "ops" / "__init__.py").write_text("")
+    (pkg / "ops" / "triton" / "__init__.py").write_text("")
+    (pkg / "ops" / "triton" / "ssd_bmm.py").write_text("def bmm(): return 'bmm'\n")
+    (pkg / "ops" / "triton" / "ssd_combined.py").write_text(
+        "from mamba_ssm.ops.triton.ssd_bmm import bmm\ndef mamba_chunk_scan_combined(): return bmm()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "mamba_ssm"]:
+        monkeypatch.delitem(sys.modules, name)
+    scan, why = mamba_cuda._import_ssd()
+    assert scan is not None and scan() == "bmm" and why == ""
+    assert "mamba_ssm" not in sys.modules  # a later real import runs the package __init__
+    for name in [m for m in sys.modules if m.startswith("mamba_ssm.")]:
+        del sys.modules[name]
+
+
+def test_mamba_conv_fallback_equals_the_chunked_conv() -> None:
+    from models import mamba_cuda
+    from models.ssm import causal_conv_reset, chunk_ids
+
+    g = gen(4)
+    T, C, W = 19, 5, 4
+    xbc, weight = torch.randn(2, T, C, generator=g), torch.randn(C, W, generator=g)
+    pos = torch.arange(T)
+    cid = chunk_ids(torch.arange(-(W - 1), T), 4, 1)
+    want = torch.nn.functional.silu(causal_conv_reset(torch.cat([xbc.new_zeros(2, W - 1, C), xbc], 1), weight, cid))
+    seq_idx = chunk_ids(pos, 4, 1).to(torch.int32).expand(2, T)
+    torch.testing.assert_close(mamba_cuda._conv_silu_torch(xbc, weight, seq_idx), want)
