@@ -86,10 +86,10 @@ def _online_update(q, k, v, valid, m, l, acc, qk_scale, DOT: tl.constexpr, IEEE:
 @jit
 def _attn_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, wk_ptr, wv_ptr, slot_ptr, wm_ptr, o_ptr, lse_ptr,
-    qk_scale, block_size, split_len,
+    qk_scale, block_size, split_len, num_splits,
     stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_tb, stride_ws, stride_ww, stride_wh, stride_mb,
     stride_ob, stride_oh, stride_os,
-    G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SPLITS: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -131,27 +131,28 @@ def _attn_split_kernel(
                 m, l, acc = _online_update(q, k, v, valid, m, l, acc, qk_scale, DOT, IEEE)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     o_out = o_ptr + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + d[None, :]
-    if SPLITS == 1:
-        tl.store(o_out, out.to(o_ptr.dtype.element_ty), mask=gd_mask)
-    else:
+    if SPLIT:
         tl.store(o_out, out, mask=gd_mask)
-        tl.store(lse_ptr + (b * G * tl.num_programs(1) + heads) * SPLITS + sp, m + tl.log2(l), mask=g < G)
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))  # -inf: an empty split
+        tl.store(lse_ptr + (b * G * tl.num_programs(1) + heads) * num_splits + sp, lse, mask=g < G)
+    else:
+        tl.store(o_out, out.to(o_ptr.dtype.element_ty), mask=gd_mask)
 
 
 @jit
 def _attn_merge_kernel(
-    part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-    H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_ptr, lse_ptr, out_ptr, num_splits, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row b, query head h: weight each split's output by its share of the softmax mass."""
     b, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + (b * H + h) * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
-    top = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp2(lse - top), 0.0)  # empty splits (and padding rows) weigh 0
+    lse = tl.load(lse_ptr + (b * H + h) * num_splits + s, mask=s < num_splits, other=float("-inf"))
+    top = tl.maximum(tl.max(lse, 0), -1e30)  # finite even when every split is empty (a padding row)
+    w = tl.exp2(lse - top)  # empty splits weigh 0
     part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                   mask=(s[:, None] < SPLITS) & (d[None, :] < D), other=0.0)
+                   mask=(s[:, None] < num_splits) & (d[None, :] < D), other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
@@ -203,17 +204,17 @@ def decode_attention_triton(
     tile = (lambda n: max(16, next_pow2(n))) if dot else next_pow2
     _attn_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, win_k, win_v, slots, win_mask, part, lse,
-        scale * _LOG2E, block_size, split_len,
+        scale * _LOG2E, block_size, split_len, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         win_k.stride(0), win_k.stride(1), win_k.stride(2), win_mask.stride(0), part.stride(0), part.stride(1),
         part.stride(2),
-        G=G, D=D, W=W, SPLITS=splits, BLOCK_G=tile(G), BLOCK_D=tile(D), BLOCK_N=tile(BLOCK_N), BLOCK_W=tile(W),
+        G=G, D=D, W=W, SPLIT=splits > 1, BLOCK_G=tile(G), BLOCK_D=tile(D), BLOCK_N=tile(BLOCK_N), BLOCK_W=tile(W),
         DOT=dot, IEEE=k_cache.dtype == torch.float32,
     )
     if splits > 1:
         _attn_merge_kernel[(B, H)](
-            part, lse, out, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-            H=H, D=D, SPLITS=splits, BLOCK_S=next_pow2(splits), BLOCK_D=BLOCK_D,
+            part, lse, out, splits, part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
+            H=H, D=D, BLOCK_S=next_pow2(splits), BLOCK_D=BLOCK_D,
         )
     return out
 
