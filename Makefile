@@ -6,7 +6,7 @@ PORT    ?= 8000
 MODEL   ?= checkpoints/attamba-wt2
 ARGS    ?=
 
-.PHONY: install install-dev serve test bench clean
+.PHONY: install install-dev serve test bench gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: install-dev
 
 bench: install-dev
 	$(BIN)/attamba bench $(ARGS)
+
+# Everything that needs a GPU (kernel tests, engine parity, benchmarks) as JSON in $(OUT); runs
+# with the machine's python, no venv or install (scripts/gpu_check.py).
+OUT ?= gpu-check
+gpu-check:
+	$(PY) scripts/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""`attamba bench {model,engine}`: print JSON and write it (and a plot) to docs/."""
+"""`attamba bench {model,engine,kernels}`: print JSON and write it (and a plot) to docs/."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--steps", type=int, default=8)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers reference")
+    k = sub.add_parser("kernels", help="decode kernels on CUDA: time and bandwidth vs the refs and SDPA")
+    from .kernel_bench import configure as configure_kernels
+
+    configure_kernels(k, _ints)
     for p in (m, e):
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         p.add_argument("--out", type=Path, default=Path("docs"), help="directory for the JSON and the plot")
@@ -39,6 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "kernels":
+        from .kernel_bench import run as run_kernels
+
+        return run_kernels(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
