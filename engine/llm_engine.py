@@ -11,7 +11,7 @@ from models.loading import load_model
 from models.tokenizer import Tokenizer
 
 from .cache_manager import CacheLayout, CacheManager
-from .config import EngineArgs
+from .config import EngineArgs, fit_max_model_len
 from .model_runner import ModelRunner
 from .outputs import ContextLengthExceeded, EngineStats, QueueFull, StreamDelta
 from .sampler import Sampler, make_generator
@@ -38,14 +38,14 @@ class LLMEngine:
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         self.model_name = path.resolve().name
-        self.max_model_len = args.max_model_len or 8 * self.config.max_seq_len
         layout = CacheLayout(self.config, args.block_size, args.torch_dtype)
         self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs)
+        self.max_model_len = fit_max_model_len(args.max_model_len, 8 * self.config.max_seq_len, self.cache.fits_alone)
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
         self.scheduler = Scheduler(self.cache, min(args.max_num_seqs, self.cache.num_slots), args.max_num_batched_tokens)
-        self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.sampler = Sampler(self.tokenizer, self.eos_token_id)
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -71,6 +71,7 @@ class LLMEngine:
         if params.chunk_size is not None and params.chunk_size != self.config.chunk_size:
             raise ValueError(f"chunk_size {params.chunk_size} is not served here: this engine runs P = "
                              f"{self.config.chunk_size} (per-request P is not supported; start with --chunk-size)")
+        params.check_vocab(self.config.vocab_size)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         total = len(prompt_ids) + max_tokens
         if max_tokens < 1 or total > self.max_model_len:
@@ -139,7 +140,8 @@ class LLMEngine:
             seq.num_computed += n
         if not sample_seqs:
             return []
-        out = self.sampler(torch.cat(logits), [s.params for s in sample_seqs], [s.generator for s in sample_seqs])
+        out = self.sampler(torch.cat(logits), [s.params for s in sample_seqs], [s.generator for s in sample_seqs],
+                           sample_seqs)
         now = time.monotonic()
         return [self._append(seq, int(out.token_ids[i]), float(out.logprobs[i]), out.top_logprobs[i], now)
                 for i, seq in enumerate(sample_seqs)]

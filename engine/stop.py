@@ -18,20 +18,25 @@ def check_stop(
     ``text`` is the full output text so far, of which ``text[new_text_start:]`` was
     added by this token. Returns ``(finish_reason, truncate_at)``: finish_reason is
     "stop", "length" or None; truncate_at is the index at which ``text`` must be cut
-    (dropping the stop string) when a stop string matched, else None. A stop string
-    counts only if it overlaps the new text; the earliest such match wins.
+    when a stop matched, else None. A stop string counts only if it overlaps the new
+    text; the earliest such match wins. The matched stop string, or the text of a stop
+    token, is cut unless ``params.include_stop_str_in_output``. Before ``min_tokens``
+    tokens exist only the length limit applies.
     """
-    if (eos_token_id is not None and token_id == eos_token_id and not params.ignore_eos) or (
-        token_id in params.stop_token_ids
-    ):
-        return "stop", None
-    matches = [
-        index
-        for s in params.stop
-        if (index := text.find(s, max(0, new_text_start - len(s) + 1))) != -1
-    ]
-    if matches:
-        return "stop", min(matches)
+    keep = params.include_stop_str_in_output
+    if num_generated >= params.min_tokens:
+        if (eos_token_id is not None and token_id == eos_token_id and not params.ignore_eos) or (
+            token_id in params.stop_token_ids
+        ):
+            return "stop", None if keep else new_text_start
+        matches = [
+            (index, len(s))
+            for s in params.stop
+            if (index := text.find(s, max(0, new_text_start - len(s) + 1))) != -1
+        ]
+        if matches:
+            index, length = min(matches)
+            return "stop", index + length if keep else index
     if params.max_tokens is not None and num_generated >= params.max_tokens:
         return "length", None
     return None, None

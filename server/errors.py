@@ -1,6 +1,9 @@
 """The OpenAI error envelope and the exception handlers that always produce it."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,16 +25,23 @@ class APIError(Exception):
         self.headers = headers
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped, so a message quoting invalid Unicode (a lone surrogate) still renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     info = ErrorInfo(message=message, type=_TYPES.get(status, "server_error"), param=param, code=code)
-    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+    return _ASCIIJSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
 
 
 def error_event(exc: APIError) -> bytes:
     """The envelope as one SSE event, for errors after a stream has started."""
     info = ErrorInfo(message=exc.message, type=_TYPES.get(exc.status, "server_error"), param=exc.param, code=exc.code)
-    return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n".encode()
+    return f"data: {json.dumps(ErrorResponse(error=info).model_dump())}\n\n".encode()
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
