@@ -5,15 +5,23 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 MODEL   ?= checkpoints/attamba-wt2
 ARGS    ?=
+TORCH   ?= 2.13.0
+# make loadtest: users, seconds, report directory, extra locust arguments (e.g. "--prompt-tokens fixed:64")
+USERS   ?= 8
+SECONDS ?= 30
+OUT     ?= loadtest-results
+LOCUST_ARGS ?=
 
-.PHONY: install install-dev serve test bench gpu-check clean
+.PHONY: install install-dev serve test bench gpu-check loadtest fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch first (the pinned CPU build), then the project itself.
+# torch first (the pinned CPU build) unless the venv already has one the project accepts
+# (>= 2.4, < 2.14: a GPU machine's 2.11 stays), then the project itself.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(not (2, 4) <= v < (2, 14))" 2>/dev/null \
+		|| $(BIN)/pip install -q torch==$(TORCH)
 	$(BIN)/pip install -q -e .
 	touch $@
 
@@ -35,11 +43,20 @@ test: install-dev
 bench: install-dev
 	$(BIN)/attamba bench $(ARGS)
 
-# Everything that needs a GPU (kernel tests, engine parity, benchmarks) as JSON in $(OUT); runs
+# Everything that needs a GPU (kernel tests, engine parity, benchmarks) as JSON in OUT (default gpu-check/); runs
 # with the machine's python, no venv or install (scripts/gpu_check.py).
-OUT ?= gpu-check
 gpu-check:
-	$(PY) scripts/gpu_check.py --out $(OUT)
+	$(PY) scripts/gpu_check.py --out $(if $(filter command line,$(origin OUT)),$(OUT),gpu-check)
+
+# The server on a free 127.0.0.1 port, locust headless for USERS users and SECONDS seconds, both stopped;
+# CSV and JSON reports (and the server log) in OUT.
+loadtest: install-dev
+	$(BIN)/python loadtests/run.py --users $(USERS) --seconds $(SECONDS) --out $(OUT) \
+		--locust-args "$(LOCUST_ARGS)" -- --model $(MODEL) $(ARGS)
+
+# schemathesis against /openapi.json of a server on a tiny random checkpoint: no 5xx, every 4xx in the envelope.
+fuzz: install-dev
+	$(BIN)/python -m pytest -m slow tests/test_fuzz.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

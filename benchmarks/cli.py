@@ -1,4 +1,5 @@
-"""`attamba bench {model,engine,kernels}`: print JSON and write it (and a plot) to docs/."""
+"""`attamba bench {model,engine,kernels}`: print JSON and write it (and a plot) to --out (default
+bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_kernels(k, _ints)
     for p in (m, e):
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-        p.add_argument("--out", type=Path, default=Path("docs"), help="directory for the JSON and the plot")
+        p.add_argument("--out", type=Path, default=Path("bench-results"),
+                       help="directory for the JSON and the plot (default: %(default)s; docs/ holds the shipped "
+                            "results, refresh them with --out docs)")
         p.add_argument("--no-plot", action="store_true")
 
 

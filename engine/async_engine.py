@@ -15,6 +15,7 @@ from .config import EngineArgs
 from .input_processor import PreparedRequest
 from .llm_engine import LLMEngine
 from .outputs import EngineDead, EngineStats, QueueFull, StreamDelta
+from .prompt_logprobs import PromptLogprobs, prompt_logprobs
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("attamba.engine")
@@ -29,6 +30,8 @@ class AsyncEngine:
         self.model_config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        self.max_waiting = args.max_waiting
+        self._scoring_lock = threading.Lock()  # one prompt-logprobs forward at a time, beside the loop
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0  # sequences queued as commands, not yet in the scheduler
@@ -68,7 +71,7 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDead("the engine is not running")
         params = request.params
-        if self._stats.num_waiting + self._pending + params.n > self.engine.args.max_waiting:
+        if self._stats.num_waiting + self._pending + params.n > self.max_waiting:
             raise QueueFull("the waiting queue is full, retry later")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -90,6 +93,14 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if remaining:
                 self.abort(request_id)
+
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> PromptLogprobs:
+        """Logprobs of the prompt's tokens (see `engine.prompt_logprobs`), computed off the event loop."""
+        def score() -> PromptLogprobs:
+            with self._scoring_lock:
+                return prompt_logprobs(self.engine.model, prompt_ids, top, self.engine.device)
+
+        return await asyncio.to_thread(score)
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its cache is freed by the loop before its next step."""
@@ -127,7 +138,8 @@ class AsyncEngine:
                 except ValueError as exc:  # a duplicate request id
                     self._deliver(rid, exc)
             else:
-                self.engine.abort_request(cmd[1])
+                for delta in self.engine.abort_request(cmd[1]):  # a stream still open ends with "abort"
+                    self._deliver(cmd[1], delta)
 
     def _loop(self) -> None:
         try:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -57,19 +59,53 @@ class EngineArgs:
         return DTYPES[self.dtype]
 
 
+log = logging.getLogger("attamba.engine")
+
+
+def fit_max_model_len(requested: int | None, default: int, fits: Callable[[int], bool]) -> int:
+    """The longest sequence the engine serves, as vLLM resolves it against the cache at start-up.
+
+    An explicit `requested` length the cache cannot hold is refused (ValueError naming the most
+    that fits); the default is reduced to the most that fits, with a warning."""
+    wanted = requested or default
+    if fits(wanted):
+        return wanted
+    low, high = 0, wanted  # fits(low) holds (or low is 0), fits(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    if low == 0:
+        raise ValueError("the cache cannot hold even one token: raise --cache-memory")
+    if requested is not None:
+        raise ValueError(f"--max-model-len {requested} does not fit the cache: at most {low} tokens do "
+                         "(raise --cache-memory or lower --max-model-len)")
+    log.warning("max_model_len reduced from %d to %d, the most one sequence can hold in the cache "
+                "(raise --cache-memory for more)", default, low)
+    return low
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags shared by serve, generate and bench."""
     d = EngineArgs()
-    parser.add_argument("--model", default=d.model, help="checkpoint directory")
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    parser.add_argument("--cache-memory", type=parse_bytes, default=d.cache_memory, help="bytes, e.g. 2GiB")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=d.block_size)
-    parser.add_argument("--chunk-size", type=int, default=None, help="Attamba P override")
-    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    parser.add_argument("--max-waiting", type=int, default=d.max_waiting)
+    parser.add_argument("--model", default=d.model, help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                        help="most sequences running at once (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                        help="tokens one engine step computes: prefill chunks plus decodes (default: %(default)s)")
+    parser.add_argument("--cache-memory", type=parse_bytes, default=d.cache_memory,
+                        help="bytes for the whole cache, e.g. 2GiB or 500MB (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output in tokens (default: 8x the training length, reduced to "
+                             "what the cache holds)")
+    parser.add_argument("--block-size", type=int, default=d.block_size,
+                        help="boundary (or KV) entries per cache block (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="Attamba chunk size P for the whole engine (default: the checkpoint's)")
+    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="(default: %(default)s)")
+    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES),
+                        help="weights and cached K/V (default: %(default)s)")
+    parser.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                        help="sequences the waiting queue holds; more get 429 (default: %(default)s)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -43,6 +43,7 @@ class InputProcessor:
         if params.chunk_size is not None and params.chunk_size != self.config.chunk_size:
             raise ValueError(f"chunk_size {params.chunk_size} is not served here: this engine runs P = "
                              f"{self.config.chunk_size} (per-request P is not supported; start with --chunk-size)")
+        params.check_vocab(self.config.vocab_size)
         if params.n > self.max_waiting:
             raise ValueError(f"n = {params.n} can never be admitted: the waiting queue holds {self.max_waiting}")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)

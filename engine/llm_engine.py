@@ -11,7 +11,7 @@ from models.loading import load_model
 from models.tokenizer import Tokenizer
 
 from .cache_manager import CacheLayout, CacheManager
-from .config import EngineArgs
+from .config import EngineArgs, fit_max_model_len
 from .input_processor import InputProcessor, PreparedRequest
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -39,14 +39,14 @@ class LLMEngine:
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         self.model_name = path.resolve().name
-        self.max_model_len = args.max_model_len or 8 * self.config.max_seq_len
         layout = CacheLayout.for_model(self.config, args.block_size, args.torch_dtype)
         self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs)
+        self.max_model_len = fit_max_model_len(args.max_model_len, 8 * self.config.max_seq_len, self.cache.fits_alone)
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
         self.scheduler = Scheduler(self.cache, min(args.max_num_seqs, self.cache.num_slots), args.max_num_batched_tokens)
-        self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.sampler = Sampler(self.tokenizer, self.eos_token_id)
         self.inputs = InputProcessor(self.tokenizer, self.config, self.max_model_len, self.cache, args.max_waiting)
         self.outputs = OutputProcessor(self.eos_token_id, self.max_model_len)
         self.prompt_tokens = 0
@@ -113,7 +113,7 @@ class LLMEngine:
         self.scheduler.advance(batch)
         if not seqs:
             return []
-        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], seqs)
         now = time.monotonic()
         deltas = []
         for i, seq in enumerate(seqs):

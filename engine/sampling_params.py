@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.guided import GuidedDecoding
+
 GREEDY_EPS = 1e-5
 """Temperatures below this are treated as greedy decoding."""
 
 MAX_LOGPROBS = 20
 """Largest number of top logprobs a request may ask for."""
+
+MAX_LOGIT_BIAS = 100.0
+"""Largest magnitude of a logit_bias value (as OpenAI's)."""
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:
@@ -36,6 +41,14 @@ class SamplingParams:
     the top ``k`` alternatives (0 = chosen token only); ``chunk_size`` overrides
     the Attamba chunk size P for this request. After construction ``stop`` and
     ``stop_token_ids`` are always lists.
+
+    As vLLM's: ``presence_penalty`` / ``frequency_penalty`` (in [-2, 2]) subtract per
+    generated occurrence; ``repetition_penalty`` (> 0) divides positive logits (multiplies
+    negative ones) of every token seen in prompt or output; ``logit_bias`` adds to token
+    logits; ``min_tokens`` bans EOS and the stop tokens and ignores stop strings until that
+    many tokens exist; ``include_stop_str_in_output`` keeps the matched stop string or stop
+    token text; ``guided`` constrains the output to a grammar (with it, the grammar decides
+    where the output ends, so neither ``ignore_eos`` nor ``min_tokens`` applies).
     """
 
     n: int = 1
@@ -50,6 +63,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     chunk_size: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         _require_int("n", self.n, 1)
@@ -90,6 +110,40 @@ class SamplingParams:
                 raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
         if self.chunk_size is not None:
             _require_int("chunk_size", self.chunk_size, 1)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _require_float(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            setattr(self, name, value)
+        self.repetition_penalty = _require_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.logit_bias = dict(self.logit_bias or {})
+        for token, bias in self.logit_bias.items():
+            _require_int("logit_bias keys", token, 0)
+            if not -MAX_LOGIT_BIAS <= _require_float("logit_bias values", bias) <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
+        _require_int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+        if self.guided is not None and (self.ignore_eos or self.min_tokens):
+            field = "ignore_eos" if self.ignore_eos else "min_tokens"
+            raise ValueError(f"{field} cannot be combined with structured output: the grammar decides where "
+                             "the output ends")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError for token ids (logit_bias keys, stop_token_ids) outside [0, vocab_size)."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any repetition-style penalty applies."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -46,6 +47,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_time: float | None = None
+    guide: Any = None  # structured-output matcher (engine/guided.py), made by the sampler on first use
 
     @property
     def num_tokens(self) -> int:

@@ -34,6 +34,15 @@ def train_tokenizer(
     return tok
 
 
+def check_unicode(text: str) -> str:
+    """`text` itself; ValueError when it cannot be encoded as UTF-8 (it holds a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode: lone surrogate at character {exc.start}") from None
+    return text
+
+
 class Tokenizer:
     """Wrapper around a `tokenizers.Tokenizer` exposing plain id lists, without any added BOS/EOS."""
 
@@ -70,12 +79,13 @@ class Tokenizer:
         return self.hf.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; ValueError when it is not valid Unicode (a lone surrogate)."""
+        return self.hf.encode(check_unicode(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (encoded in parallel)."""
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        texts = [check_unicode(t) for t in texts]
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
@@ -87,11 +97,13 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Streaming detokenizer: the deltas of push() and flush() concatenate to exactly decode(ids).
+    """Streaming detokenizer: the deltas of push() and flush() concatenate to decode(ids), less
+    any U+FFFD at its very end.
 
     Tokens are decoded together since the last point where the text ended on a complete
     character. A trailing U+FFFD may be an incomplete UTF-8 sequence that later tokens
-    complete, so trailing U+FFFD characters are held back until a token resolves them.
+    complete, so trailing U+FFFD characters are held back until a token resolves them; a
+    stream that ends inside a character never emits its bytes.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
@@ -115,8 +127,8 @@ class IncrementalDecoder:
         return delta
 
     def flush(self) -> str:
-        """Return whatever is held back (end of stream) and reset."""
-        text = self.tokenizer.decode(self._pending, self.skip_special_tokens)
+        """End of stream: return what is held back, except an incomplete trailing character, and reset."""
+        text = self.tokenizer.decode(self._pending, self.skip_special_tokens).rstrip(_REPLACEMENT)
         delta = text[self._emitted :]
         self._pending.clear()
         self._emitted = 0

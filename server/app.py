@@ -1,21 +1,24 @@
 """The FastAPI application: OpenAI-compatible routes, /health and /metrics around one AsyncEngine."""
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from server.auth import APIKeyMiddleware
 from server.body_limit import BodyLimitMiddleware
 from server.chat_completions import create_chat_completion
 from server.completions import create_completion
-from server.errors import APIError, install_error_handlers
+from server.errors import install_error_handlers
 from server.generation import ClientGone
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+)
 from server.serving import Serving
 
 if TYPE_CHECKING:
@@ -28,30 +31,21 @@ def _serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
-def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
-    """A dependency that demands `Authorization: Bearer <api_key>` when a key is set."""
-
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           "invalid_api_key")
-
-    return check
-
-
 def create_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               served_model_name: str | None = None) -> FastAPI:
-    """The app for one engine; the caller starts and shuts down the engine."""
+               served_model_name: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+    """The app for one engine; the caller starts and shuts down the engine. `allowed_origins` turns on
+    CORS for those origins ("*" for any)."""
     app = FastAPI(title="attamba-serve", docs_url=None, redoc_url=None)
     app.state.serving = Serving(engine, served_model_name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     install_error_handlers(app)
     app.add_exception_handler(ClientGone, lambda _, __: Response(status_code=CLIENT_CLOSED))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -68,6 +62,24 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: 
         return ModelList(data=[card])
 
     app.include_router(v1)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> TokenizeResponse:
+        """vLLM's: the token ids of a prompt, or of the prompt the chat template renders from messages."""
+        serving = _serving(request)
+        serving.check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            tokens = serving.encode(serving.chat_prompt(body.messages), "messages")
+        else:
+            tokens = serving.encode(body.prompt, "prompt") if body.prompt else []
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        serving = _serving(request)
+        serving.check_model(body.model)
+        text = engine.tokenizer.decode(serving.encode(body.tokens, "tokens")) if body.tokens else ""
+        return DetokenizeResponse(prompt=text)
 
     @app.get("/health")
     async def health(request: Request) -> Response:

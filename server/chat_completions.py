@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.generation import Generation, unless_disconnected
+from server.generation import GenerationBatch, unless_disconnected
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, ChatLogprobs,
@@ -18,12 +18,10 @@ from server.sse import DONE, SSEResponse, event, guard, usage
 
 
 async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, request: Request) -> Response:
-    serving.check_model(req.model)
     template = serving.chat_template
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = serving.sampling_params(req, req.output_limit, logprobs, template.stop, template.stop_token_ids)
-    prompt = template.render([("system" if m.role == "developer" else m.role, m.text) for m in req.messages])
-    gen = await serving.admit(request, "chatcmpl", prompt, params, "messages")
+    gen = await serving.admit(request, "chatcmpl", [serving.chat_prompt(req.messages)], params, "messages")
     if req.stream:
         return SSEResponse(guard(_stream(serving, gen, req)))
     choices = await unless_disconnected(request, _collect(serving, gen))
@@ -31,7 +29,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     return JSONResponse(body.model_dump())
 
 
-async def _stream(serving: Serving, gen: Generation, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+async def _stream(serving: Serving, gen: GenerationBatch, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
     base = ChatCompletionChunk(id=gen.request_id, model=serving.model_name, choices=[])
 
     def chunk(choice: ChatChunkChoice) -> bytes:
@@ -40,7 +38,7 @@ async def _stream(serving: Serving, gen: Generation, req: ChatCompletionRequest)
     for index in range(req.n):
         yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
     async with aclosing(gen.deltas()) as deltas:
-        async for d in deltas:
+        async for _, _, d in deltas:
             if not d.text and d.finish_reason is None and d.logprobs is None:
                 continue
             delta = ChatDelta(content=d.text or None)
@@ -51,10 +49,10 @@ async def _stream(serving: Serving, gen: Generation, req: ChatCompletionRequest)
     yield DONE
 
 
-async def _collect(serving: Serving, gen: Generation) -> list[ChatChoice]:
+async def _collect(serving: Serving, gen: GenerationBatch) -> list[ChatChoice]:
     choices: dict[int, ChatChoice] = {}
     async with aclosing(gen.deltas()) as deltas:
-        async for d in deltas:
+        async for _, _, d in deltas:
             choice = choices.setdefault(d.index, ChatChoice(index=d.index, message=AssistantMessage(content="")))
             choice.message.content += d.text
             logprobs = serving.logprobs.chat(d)

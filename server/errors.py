@@ -1,6 +1,10 @@
 """The OpenAI error envelope and the exception handlers that always produce it."""
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -10,6 +14,8 @@ from server.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+_TAGS = {"body", "str", "int", "float", "bool"}
 
 
 class APIError(Exception):
@@ -22,23 +28,33 @@ class APIError(Exception):
         self.headers = headers
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped, so a message quoting invalid Unicode (a lone surrogate) still renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     info = ErrorInfo(message=message, type=_TYPES.get(status, "server_error"), param=param, code=code)
-    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+    return _ASCIIJSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
 
 
 def error_event(exc: APIError) -> bytes:
     """The envelope as one SSE event, for errors after a stream has started."""
     info = ErrorInfo(message=exc.message, type=_TYPES.get(exc.status, "server_error"), param=exc.param, code=exc.code)
-    return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n".encode()
+    return f"data: {json.dumps(ErrorResponse(error=info).model_dump())}\n\n".encode()
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    """The first error, preferring a validator's own message (within a union, pydantic lists every branch)."""
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return error_response(400, f"malformed JSON body: {first.get('msg')}", "invalid_json")
+    # drop "body" and the union branch tags in pydantic's locations (str, list[int], function-after[...], Model)
+    loc = [str(p) for p in first.get("loc", ()) if re.fullmatch(r"[a-z_][a-z0-9_]*|\d+", str(p)) and p not in _TAGS]
     where = ".".join(loc)
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
     return error_response(400, message, "invalid_value", loc[0] if loc else None)

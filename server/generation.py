@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
-from engine.outputs import EngineDead, QueueFull, StreamDelta
 from engine.input_processor import PreparedRequest
+from engine.outputs import EngineDead, QueueFull, StreamDelta
 from server.errors import APIError
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
@@ -51,13 +52,14 @@ class Generation:
     def __init__(self, engine: AsyncEngine, metrics: Metrics, lifecycle: Lifecycle, request_id: str,
                  request: PreparedRequest) -> None:
         self.engine, self.lifecycle, self.request_id = engine, lifecycle, request_id
+        self.prompt_ids = request.prompt_ids
         self.prompt_tokens = len(request.prompt_ids)
         self.timer = metrics.track(request.params.n)
         self.completion_tokens: dict[int, int] = {}
         self._stream = engine.generate(request_id, request)
         self._first: StreamDelta | None = None
         self._closed = False
-        lifecycle.enter()
+        lifecycle.enter(self)
 
     async def start(self, request: Request) -> None:
         """Wait for the first delta, so admission errors become HTTP statuses before any body is sent.
@@ -108,5 +110,69 @@ class Generation:
         if admitted and self.timer.unfinished:
             self.engine.abort(self.request_id)
             self.timer.close()
-        self.lifecycle.exit()
+        self.lifecycle.exit(self)
         await self._stream.aclose()
+
+    def abort(self) -> None:
+        """End the request early (server shutdown): its completions finish with reason "abort"."""
+        self.engine.abort(self.request_id)
+
+
+class GenerationBatch:
+    """The Generations of one HTTP request (one per prompt), seen as one: choice i*n+j is completion j
+    of prompt i, usage is summed."""
+
+    def __init__(self, request_id: str, gens: list[Generation], n: int) -> None:
+        self.request_id, self.gens, self.n = request_id, gens, n
+
+    async def start(self, request: Request) -> None:
+        """Start every prompt at once; if any fails, close them all and raise its error."""
+        results = await asyncio.gather(*(g.start(request) for g in self.gens), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(g.close() for g in self.gens))
+            raise failed[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(g.prompt_tokens for g in self.gens)
+
+    @property
+    def total_completion_tokens(self) -> int:
+        return sum(g.total_completion_tokens for g in self.gens)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, int, StreamDelta]]:
+        """(prompt position, choice index, delta) as they come from all prompts; closing it closes all."""
+        if len(self.gens) == 1:
+            async with aclosing(self.gens[0].deltas()) as deltas:
+                async for delta in deltas:
+                    yield 0, delta.index, delta
+            return
+        queue: asyncio.Queue[tuple[int, StreamDelta | Exception | None]] = asyncio.Queue()
+
+        async def pump(position: int, gen: Generation) -> None:
+            try:
+                async with aclosing(gen.deltas()) as deltas:
+                    async for delta in deltas:
+                        queue.put_nowait((position, delta))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((position, exc))
+                return
+            queue.put_nowait((position, None))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(self.gens)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                position, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield position, position * self.n + item.index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(g.close() for g in self.gens))

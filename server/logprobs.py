@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import accumulate
 
 from engine.outputs import StreamDelta
+from engine.prompt_logprobs import PromptLogprobs
 from models.tokenizer import Tokenizer
 from server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
@@ -25,6 +27,13 @@ class LogprobFormatter:
             offset += len(token)
         top = [{self.token_text(t): lp for t, lp in alts} for alts in delta.top_logprobs or []]
         return CompletionLogprobs(tokens=tokens, token_logprobs=delta.logprobs, top_logprobs=top, text_offset=offsets)
+
+    def prompt(self, prompt_ids: list[int], scored: PromptLogprobs) -> CompletionLogprobs:
+        """Legacy shape for an echoed prompt (its first token has no logprob), starting at offset 0."""
+        tokens = [self.token_text(t) for t in prompt_ids]
+        offsets = [0, *accumulate(len(t) for t in tokens)][:-1]
+        top = [None if alts is None else {self.token_text(t): lp for t, lp in alts} for alts in scored.top_logprobs]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=scored.logprobs, top_logprobs=top, text_offset=offsets)
 
     def chat(self, delta: StreamDelta) -> ChatLogprobs | None:
         if delta.logprobs is None:

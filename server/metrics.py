@@ -1,7 +1,10 @@
 """Prometheus metrics (prefix attamba_, label model_name), one registry per app.
 
-Latency histograms are observed per request from the server's view of the stream; the gauges
-and the token / preemption counters are read from `engine.stats()` at scrape time.
+Latency histograms and the success counter are observed per completion (each of a request's n
+choices counts once, as vLLM counts its n child requests), from the server's view of the stream,
+so `attamba_e2e_request_latency_seconds_count` equals the sum of `attamba_request_success_total`.
+The gauges and the token / preemption counters are read from `engine.stats()` at scrape time.
+No `_created` series are exported.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -63,6 +66,7 @@ class Metrics:
     """The registry an app serves on /metrics."""
 
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         label = ["model_name"]
         self.ttft = Histogram("attamba_time_to_first_token_seconds", "Time to first token.", label,
@@ -71,7 +75,7 @@ class Metrics:
                              registry=self.registry, buckets=ITL_BUCKETS).labels(model_name)
         self.e2e = Histogram("attamba_e2e_request_latency_seconds", "Request arrival to last token.", label,
                              registry=self.registry, buckets=E2E_BUCKETS).labels(model_name)
-        self.success = Counter("attamba_request_success", "Finished completions (choices) by finish reason.",
+        self.success = Counter("attamba_request_success", "Finished completions by finish reason.",
                                label + ["finish_reason"], registry=self.registry)
         self.model_name = model_name
         self.registry.register(EngineCollector(engine, model_name))
@@ -85,7 +89,8 @@ class Metrics:
 
 
 class RequestTimer:
-    """Observes one request's TTFT, inter-token gaps and end-to-end latency as its deltas arrive."""
+    """Observes the TTFT, inter-token gaps and end-to-end latency of a request's n completions as their
+    deltas arrive."""
 
     def __init__(self, metrics: Metrics, n: int) -> None:
         self.metrics = metrics
@@ -98,21 +103,24 @@ class RequestTimer:
         m = self.metrics
         if delta.token_ids:
             previous = self.last_token.get(delta.index)
-            if not self.last_token:
+            if previous is None:
                 m.ttft.observe(now - self.arrival)
-            if previous is not None:
+            else:
                 gap = (now - previous) / len(delta.token_ids)
                 for _ in delta.token_ids:
                     m.itl.observe(gap)
             self.last_token[delta.index] = now
-        if delta.finish_reason is not None and delta.index in self.unfinished:
-            self.unfinished.discard(delta.index)
-            m.success.labels(m.model_name, delta.finish_reason).inc()
-            if not self.unfinished:
-                m.e2e.observe(now - self.arrival)
+        if delta.finish_reason is not None:
+            self._finish(delta.index, delta.finish_reason, now)
+
+    def _finish(self, index: int, reason: str, now: float) -> None:
+        if index in self.unfinished:
+            self.unfinished.discard(index)
+            self.metrics.success.labels(self.metrics.model_name, reason).inc()
+            self.metrics.e2e.observe(now - self.arrival)
 
     def close(self) -> None:
         """The request ended (or its client left): completions still open count as aborted."""
-        for _ in self.unfinished:
-            self.metrics.success.labels(self.metrics.model_name, "abort").inc()
-        self.unfinished.clear()
+        now = time.monotonic()
+        for index in list(self.unfinished):
+            self._finish(index, "abort", now)

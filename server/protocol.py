@@ -7,23 +7,46 @@ mirror OpenAI's JSON.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
+)
 
-from engine.sampling_params import MAX_LOGPROBS
+from engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from models.tokenizer import check_unicode
+
+Text = Annotated[str, AfterValidator(check_unicode)]
+"""A string that is valid Unicode: JSON can carry a lone surrogate ("\\ud800"), UTF-8 cannot."""
 
 
-class StreamOptions(BaseModel):
+class _Request(BaseModel):
+    """Strict types, unknown fields ignored, a top-level null read as "not given"."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
-    """Fields shared by both endpoints."""
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingRequest(_Request):
+    """Fields shared by both endpoints, OpenAI's and vLLM's extensions."""
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0)
@@ -31,43 +54,59 @@ class SamplingRequest(BaseModel):
     top_k: int = Field(-1, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     n: int = Field(1, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
     chunk_size: int | None = Field(None, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(SamplingRequest):
-    """POST /v1/completions: one prompt, as text, token ids, or a list holding one text."""
+Prompt = Text | list[Text] | list[int] | list[list[int]]
 
-    prompt: str | list[int] | list[str]
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: one prompt or a batch, each as text or token ids."""
+
+    prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: a text or a token-id list alone is a batch of one."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     @property
     def text(self) -> str:
@@ -82,11 +121,42 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
     @property
     def output_limit(self) -> int | None:
         """max_completion_tokens (the newer name) wins over max_tokens."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeCompletionRequest(_Request):
+    """POST /tokenize with a prompt (vLLM's)."""
+
+    model: str | None = None
+    prompt: Text
+
+
+class TokenizeChatRequest(_Request):
+    """POST /tokenize with chat messages: the prompt the chat template renders (vLLM's)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -106,8 +176,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions logprobs object."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
     def extend(self, more: CompletionLogprobs) -> CompletionLogprobs:

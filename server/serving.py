@@ -1,4 +1,8 @@
-"""What both generation endpoints share: readiness, model names, request validation and admission."""
+"""What both generation endpoints share: readiness, model names, request resolution and admission.
+
+A request is resolved into SamplingParams here and only here: every field is either applied,
+or refused with a 400 that names it; none is accepted and ignored.
+"""
 from __future__ import annotations
 
 import uuid
@@ -6,21 +10,25 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from engine.guided import GuidedDecoding
 from engine.outputs import ContextLengthExceeded
 from engine.sampling_params import SamplingParams
 from server.chat import ChatTemplate
 from server.errors import APIError
-from server.generation import Generation
+from server.generation import Generation, GenerationBatch
 from server.lifecycle import Lifecycle
 from server.logprobs import LogprobFormatter
 from server.metrics import Metrics
-from server.protocol import SamplingRequest
+from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
 
-SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "chunk_size")
-PARAMS = {*SAMPLING_FIELDS, "max_tokens", "logprobs", "stop", "stop_token_ids"}
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "chunk_size",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+                   "include_stop_str_in_output")
+PARAMS = {*SAMPLING_FIELDS, "max_tokens", "logprobs", "stop", "stop_token_ids", "logit_bias"}
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 def _param_of(exc: ValueError) -> str | None:
@@ -29,8 +37,59 @@ def _param_of(exc: ValueError) -> str | None:
     return first if first in PARAMS else None
 
 
+def _invalid(message: str, param: str | None) -> APIError:
+    return APIError(400, message, "invalid_value", param)
+
+
+def _refuse_unsupported(req: SamplingRequest) -> None:
+    """Fields this server cannot honour: a 400 that names them, never a silent 200."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise _invalid(f"best_of ({req.best_of}) must equal n ({req.n}): ranking extra samples is not "
+                       "supported", "best_of")
+    if req.stream_options is not None and not req.stream:
+        raise _invalid("stream_options can only be set when stream is true", "stream_options")
+    if isinstance(req, CompletionRequest) and req.suffix is not None:
+        raise _invalid("suffix is not supported: this model does not fill in the middle", "suffix")
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise _invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+        if choice != "none":
+            raise _invalid(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} is not supported: "
+                           f"the model {req.model or ''} has no tool parser (send tool_choice 'none' or no tools)",
+                           "tool_choice")
+
+
+def _guided(req: SamplingRequest) -> GuidedDecoding | None:
+    """The one structured-output constraint of a request: response_format or one of vLLM's guided_*."""
+    asked = [(f, kind, getattr(req, f)) for f, kind in GUIDED_FIELDS.items() if getattr(req, f) is not None]
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise _invalid("response_format json_schema needs a json_schema object", "response_format")
+        spec = fmt.json_schema.json_schema if fmt.type == "json_schema" else None
+        asked.append(("response_format", "json" if fmt.type == "json_schema" else "json_object", spec))
+    if len(asked) > 1:
+        raise _invalid(f"only one of response_format and {', '.join(GUIDED_FIELDS)} may be set, got "
+                       f"{', '.join(f for f, _, _ in asked)}", asked[1][0])
+    if not asked:
+        return None
+    field, kind, spec = asked[0]
+    try:
+        return GuidedDecoding(kind, spec, field)
+    except ValueError as exc:
+        raise _invalid(str(exc), field) from exc
+
+
+def _logit_bias(req: SamplingRequest) -> dict[int, float]:
+    try:
+        return {int(token): bias for token, bias in (req.logit_bias or {}).items()}
+    except ValueError as exc:
+        raise _invalid("logit_bias keys must be token ids (integers as strings)", "logit_bias") from exc
+
+
 class Serving:
-    """The engine plus everything the handlers need to turn a request into a Generation."""
+    """The engine plus everything the handlers need to turn a request into Generations."""
 
     def __init__(self, engine: AsyncEngine, served_model_name: str | None = None) -> None:
         self.engine = engine
@@ -52,29 +111,52 @@ class Serving:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            "model_not_found", "model")
 
+    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+        return self.chat_template.render([("system" if m.role == "developer" else m.role, m.text) for m in messages])
+
     def sampling_params(self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                        extra_stop: list[str] | None = None, stop_token_ids: list[int] | None = None) -> SamplingParams:
+                        extra_stop: list[str] | None = None, extra_stop_token_ids: list[int] | None = None
+                        ) -> SamplingParams:
+        """The request's SamplingParams; a 400 naming the field for anything invalid or unsupported."""
+        self.check_model(req.model)
+        _refuse_unsupported(req)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(**{f: getattr(req, f) for f in SAMPLING_FIELDS}, max_tokens=max_tokens,
-                                  logprobs=logprobs, stop=stop + (extra_stop or []), stop_token_ids=stop_token_ids)
+                                  logprobs=logprobs, stop=stop + (extra_stop or []),
+                                  stop_token_ids=(req.stop_token_ids or []) + (extra_stop_token_ids or []),
+                                  logit_bias=_logit_bias(req), guided=_guided(req))
         except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_value", _param_of(exc)) from exc
+            raise _invalid(str(exc), _param_of(exc)) from exc
 
-    async def admit(self, request: Request, prefix: str, prompt: str | list[int], params: SamplingParams,
-                    prompt_param: str) -> Generation:
-        """Validate the prompt against the model and start generating; every rejection is an APIError."""
+    def encode(self, prompt: str | list[int], prompt_param: str) -> list[int]:
         try:
-            prompt_ids = self.engine.encode_prompt(prompt)
+            return self.engine.encode_prompt(prompt)
         except ValueError as exc:
             raise APIError(400, str(exc), "invalid_prompt", prompt_param) from exc
+
+    async def admit(self, request: Request, prefix: str, prompts: list[str | list[int]], params: SamplingParams,
+                    prompt_param: str) -> GenerationBatch:
+        """Validate every prompt against the model and start them all (one Generation each); every
+        rejection is an APIError, and nothing keeps running after one."""
+        if not prompts:
+            raise _invalid("prompt is empty", prompt_param)
+        ids = [self.encode(p, prompt_param) for p in prompts]
+        sequences = len(ids) * params.n
+        if sequences > self.engine.max_waiting:
+            raise _invalid(f"n ({params.n}) x {len(ids)} prompt(s) = {sequences} sequences is more than the waiting "
+                           f"queue holds ({self.engine.max_waiting}): such a request could never be admitted", "n")
         self.check_ready()
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            prepared = self.engine.prepare(prompt_ids, params)
-            gen = Generation(self.engine, self.metrics, self.lifecycle, f"{prefix}-{uuid.uuid4().hex}", prepared)
-            await gen.start(request)
+            prepared = [self.engine.prepare(prompt_ids, params) for prompt_ids in ids]
+            gens = [Generation(self.engine, self.metrics, self.lifecycle,
+                               request_id if len(ids) == 1 else f"{request_id}-{i}", req)
+                    for i, req in enumerate(prepared)]
+            batch = GenerationBatch(request_id, gens, params.n)
+            await batch.start(request)
         except ContextLengthExceeded as exc:
             raise APIError(400, str(exc), "context_length_exceeded", prompt_param) from exc
         except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_value", _param_of(exc)) from exc
-        return gen
+            raise _invalid(str(exc), _param_of(exc)) from exc
+        return batch

@@ -169,11 +169,16 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
     assert not eng.is_alive
 
 
-def test_unbounded_request_must_fit_the_cache(tiny_ckpt) -> None:
-    """max_tokens=None means up to max_model_len, so the whole length must fit the cache alone."""
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), max_model_len=4096, block_size=1, cache_memory=200_000))
+def test_max_model_len_is_fitted_to_the_cache_at_start_up(tiny_ckpt) -> None:
+    """As vLLM: an explicit --max-model-len the cache cannot hold is refused at start-up; the default
+    is reduced to what one sequence can hold, so every request within it fits the cache."""
+    small = dict(model=str(tiny_ckpt), block_size=1, cache_memory=200_000)
+    with pytest.raises(ValueError, match=r"--max-model-len 4096 does not fit the cache: at most \d+ tokens"):
+        LLMEngine(EngineArgs(max_model_len=4096, **small))
+    engine = LLMEngine(EngineArgs(**small))
+    assert engine.max_model_len < 8 * engine.config.max_seq_len
+    assert engine.cache.fits_alone(engine.max_model_len) and not engine.cache.fits_alone(engine.max_model_len + 1)
+    engine.add_request("a", "hello", SamplingParams(max_tokens=None))
     with pytest.raises(ContextLengthExceeded):
-        engine.add_request("a", "hello", SamplingParams(max_tokens=None))
-    with pytest.raises(ContextLengthExceeded):
-        engine.add_request("b", [5] * 4096, SamplingParams(max_tokens=None))
-    engine.add_request("c", "hello", SamplingParams(max_tokens=4))
+        engine.add_request("b", [5] * engine.max_model_len, SamplingParams(max_tokens=1))
+    assert LLMEngine(EngineArgs(max_model_len=engine.max_model_len, **small)).max_model_len == engine.max_model_len

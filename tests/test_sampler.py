@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -58,6 +60,13 @@ def test_params_defaults_and_stop_normalisation() -> None:
         ({"logprobs": -1}, "logprobs"),
         ({"logprobs": 21}, "logprobs"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     ],
 )
 def test_invalid_params_raise(kwargs: dict, field: str) -> None:
@@ -227,41 +236,56 @@ EOS = 2
 
 
 def test_eos_and_ignore_eos() -> None:
-    assert check_stop("hi", 2, EOS, SamplingParams(), EOS) == ("stop", None)
-    assert check_stop("hi", 2, EOS, SamplingParams(ignore_eos=True), EOS) == (None, None)
-    assert check_stop("hi", 2, EOS, SamplingParams(), None) == (None, None)
+    assert check_stop("hi", 2, EOS, 1, SamplingParams(), EOS) == ("stop", 2)
+    assert check_stop("hi", 2, EOS, 1, SamplingParams(ignore_eos=True), EOS) == (None, None)
+    assert check_stop("hi", 2, EOS, 1, SamplingParams(), None) == (None, None)
 
 
-def test_stop_token_ids() -> None:
+def test_stop_token_ids_cut_their_text_unless_included() -> None:
     params = SamplingParams(stop_token_ids=[7, 9], ignore_eos=True)
-    assert check_stop("abc", 2, 9, params, EOS) == ("stop", None)
-    assert check_stop("abc", 2, 8, params, EOS) == (None, None)
+    assert check_stop("abc", 2, 9, 3, params, EOS) == ("stop", 2)
+    assert check_stop("abc", 2, 8, 3, params, EOS) == (None, None)
+    included = SamplingParams(stop_token_ids=[9], include_stop_str_in_output=True)
+    assert check_stop("abc", 2, 9, 3, included, EOS) == ("stop", None)
+
+
+def test_include_stop_str_in_output_cuts_after_the_stop_string() -> None:
+    params = SamplingParams(stop=["END", "ENDING"], include_stop_str_in_output=True)
+    assert check_stop("hello ENDx", 8, 12, 4, params, EOS) == ("stop", 9)
+
+
+def test_min_tokens_defers_every_stop() -> None:
+    params = SamplingParams(stop=["a"], stop_token_ids=[9], min_tokens=3, max_tokens=5)
+    for token in (EOS, 9, 5):
+        assert check_stop("xa", 1, token, 2, params, EOS) == (None, None)
+    assert check_stop("xa", 1, 9, 3, params, EOS) == ("stop", 1)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=6, max_tokens=5)
 
 
 def test_stop_string_spanning_tokens() -> None:
     params = SamplingParams(stop=["END"])
-    assert check_stop("hello E", 6, 10, params, EOS) == (None, None)
-    assert check_stop("hello EN", 7, 11, params, EOS) == (None, None)
-    assert check_stop("hello ENDx", 8, 12, params, EOS) == ("stop", 6)
+    assert check_stop("hello E", 6, 10, 2, params, EOS) == (None, None)
+    assert check_stop("hello EN", 7, 11, 3, params, EOS) == (None, None)
+    assert check_stop("hello ENDx", 8, 12, 4, params, EOS) == ("stop", 6)
 
 
 def test_stop_string_must_overlap_new_text() -> None:
     params = SamplingParams(stop=["ab"])
-    assert check_stop("ab cd", 3, 5, params, EOS) == (None, None)
-    assert check_stop("xab", 2, 5, params, EOS) == ("stop", 1)
-    assert check_stop("ab", 2, 5, params, EOS) == (None, None)
+    assert check_stop("ab cd", 3, 5, 2, params, EOS) == (None, None)
+    assert check_stop("xab", 2, 5, 2, params, EOS) == ("stop", 1)
+    assert check_stop("ab", 2, 5, 2, params, EOS) == (None, None)
 
 
 def test_earliest_stop_string_wins() -> None:
     params = SamplingParams(stop=["cd", "bcde"])
-    assert check_stop("abcdef", 3, 5, params, EOS) == ("stop", 1)
+    assert check_stop("abcdef", 3, 5, 1, params, EOS) == ("stop", 1)
 
 
 def test_stop_is_not_length() -> None:
     """check_stop never decides "length": that rule is the output processor's alone."""
-    params = SamplingParams(max_tokens=3)
-    assert check_stop("abc", 2, 5, params, EOS) == (None, None)
-    assert check_stop("STOP", 0, 5, SamplingParams(max_tokens=3, stop="STOP"), EOS) == ("stop", 0)
+    assert check_stop("abc", 2, 5, 3, SamplingParams(max_tokens=3), EOS) == (None, None)
+    assert check_stop("STOP", 0, 5, 3, SamplingParams(max_tokens=3, stop="STOP"), EOS) == ("stop", 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -272,9 +296,9 @@ def test_stop_is_not_length() -> None:
 def test_incremental_stop_matches_brute_force(chunks: list[str], stops: list[str]) -> None:
     params = SamplingParams(stop=stops, max_tokens=None)
     text = ""
-    for chunk in chunks:
+    for step, chunk in enumerate(chunks, start=1):
         start, text = len(text), text + chunk
-        reason, cut = check_stop(text, start, 5, params, EOS)
+        reason, cut = check_stop(text, start, 5, step, params, EOS)
         found = [i for s in stops if (i := text.find(s)) != -1]
         if found:
             assert (reason, cut) == ("stop", min(found))
@@ -300,3 +324,61 @@ def test_incremental_stop_matches_brute_force(chunks: list[str], stops: list[str
 )
 def test_stop_holdback(text: str, stop: list[str] | None, expected: int) -> None:
     assert stop_holdback(text, SamplingParams(stop=stop)) == expected
+
+
+# ---------------------------------------------------------------- logit adjustments
+
+
+@dataclass
+class Seq:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    guide: object = None
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    logits = _logits(2)
+    forced = SamplingParams(temperature=1.0, logit_bias={7: 100.0}, seed=0)
+    banned_top = int(logits[1].argmax())
+    banned = SamplingParams(temperature=0.0, logit_bias={banned_top: -100.0})
+    out = sampler(logits, [forced, banned], [make_generator(0), None])
+    assert int(out.token_ids[0]) == 7
+    assert int(out.token_ids[1]) != banned_top
+    assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1).gather(-1, out.token_ids[:, None])[:, 0])
+    with pytest.raises(ValueError, match="logit_bias"):
+        forced.check_vocab(5)
+
+
+def test_penalties_follow_vllm() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seq = Seq(prompt_ids=[0], output_ids=[1, 2, 2])
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    adjusted = Sampler()._adjust(logits.clone(), [params], [seq])
+    # token 0: prompt only (repetition); 1: once (repetition, frequency, presence); 2: twice; 3: unseen
+    assert adjusted.tolist() == [[1.0, -4.0 - 0.5 - 0.25, 0.5 - 1.0 - 0.25, 0.5]]
+
+
+def test_penalties_change_repetition_counts() -> None:
+    """Sampling a fixed distribution for 40 steps: a frequency penalty spreads the tokens out."""
+    def distinct(params: SamplingParams) -> int:
+        seq, generator = Seq([0], []), make_generator(3)
+        for _ in range(40):
+            out = sampler(_logits(1, seed=5), [params], [generator], [seq])
+            seq.output_ids.append(int(out.token_ids[0]))
+        return max(seq.output_ids.count(t) for t in set(seq.output_ids))
+
+    assert distinct(SamplingParams(frequency_penalty=2.0, seed=3)) < distinct(SamplingParams(seed=3))
+
+
+def test_min_tokens_bans_eos_and_stop_tokens() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS], logits[0, 9] = 10.0, 9.0
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[9])
+    eos_sampler = Sampler(eos_token_id=EOS)
+    assert int(eos_sampler(logits, [params], [None], [Seq([1], [4])]).token_ids[0]) not in (EOS, 9)
+    assert int(eos_sampler(logits, [params], [None], [Seq([1], [4, 4])]).token_ids[0]) == EOS
+
+
+def test_adjustments_need_the_sequences() -> None:
+    with pytest.raises(ValueError, match="sequences"):
+        sampler(_logits(1), [SamplingParams(presence_penalty=1.0)], [None])

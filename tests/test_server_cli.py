@@ -96,3 +96,52 @@ def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def test_grace_period_end_aborts_streams_with_a_final_chunk_and_logs_it(tiny_ckpt: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = attamba("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--grace-period", "0",
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_healthy(proc, url)
+        max_model_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
+        body = {"prompt": "The tower", "max_tokens": max_model_len - 8, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "abort"
+        assert proc.wait(timeout=30) == 0
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"on http://127.0.0.1:{port}" in log and "ready" in log
+    assert "draining" in log and "aborting the 1 requests" in log
+    assert "Traceback" not in log and "CancelledError" not in log
+
+
+def test_serve_help_documents_every_flag_and_its_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    options = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
+    for flag, default in [("--max-num-seqs", "32"), ("--max-num-batched-tokens", "512"), ("--block-size", "16"),
+                          ("--max-waiting", "256"), ("--dtype", "float32"), ("--grace-period", "30.0")]:
+        assert f"(default: {default})" in options.split(f" {flag} ", 1)[1].split(" --", 1)[0], flag
+    assert "--allowed-origins" in options

@@ -116,12 +116,18 @@ def test_incremental_random_ids(tok: Tokenizer, skip: bool) -> None:
     for _ in range(200):
         ids = torch.randint(0, tok.vocab_size, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
         deltas = _stream(tok.incremental_decoder(skip_special_tokens=skip), ids)
-        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip).rstrip("\ufffd")
 
 
-def test_incremental_flush_resets(tok: Tokenizer) -> None:
+def test_stream_ending_inside_a_character_emits_none_of_it(tok: Tokenizer) -> None:
     dec = tok.incremental_decoder()
-    partial = tok.encode("😀")[:1]
-    assert dec.push(partial[0]) == ""
-    assert dec.flush() == tok.decode(partial) == "\ufffd"
-    assert "".join(_stream(dec, tok.encode("ok"))) == "ok"
+    partial = tok.encode("ab😀")[:-1]
+    assert tok.decode(partial).endswith("\ufffd")
+    assert "".join(dec.push(t) for t in partial) + dec.flush() == "ab"  # no U+FFFD for the cut character
+    assert "".join(_stream(dec, tok.encode("ok"))) == "ok"  # flush reset the decoder
+
+
+def test_lone_surrogates_are_a_value_error(tok: Tokenizer) -> None:
+    for encode in (tok.encode, lambda text: tok.encode_batch(["fine", text])):
+        with pytest.raises(ValueError, match="surrogate at character 1"):
+            encode("a\ud800b")
