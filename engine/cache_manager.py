@@ -36,13 +36,13 @@ class CacheLayout:
     @property
     def block_bytes(self) -> int:
         """block_size entries of K and V, for every layer."""
-        return self.block_size * self.cfg.n_layers * 2 * self.cfg.attn_dim * self.kv_bytes
+        return self.block_size * self.cfg.n_layers * 2 * self.cfg.kv_dim * self.kv_bytes  # GQA: kv_dim
 
     @property
     def slot_bytes(self) -> int:
         """Window ring plus SSM (fp32) and conv states of one sequence, every layer."""
         c = self.cfg
-        per_layer = c.window_slots * 2 * c.attn_dim * self.kv_bytes
+        per_layer = c.window_slots * 2 * c.kv_dim * self.kv_bytes  # GQA: kv_dim
         if c.has_ssm:
             per_layer += 2 * (c.ssm_inner * c.ssm_state * 4 + c.conv_channels * (c.conv_width - 1) * self.kv_bytes)
         return c.n_layers * per_layer

@@ -1,6 +1,6 @@
 """The model runner: owns every cache tensor and runs one scheduled step of the model.
 
-Cache tensors (L = layers, H x D = attention heads, S = state slots):
+Cache tensors (L = layers, H x D = key/value heads, S = state slots):
   k_pool, v_pool  [L, num_blocks * block_size, H, D]  boundary (or all, for full attention) K/V
   win_k, win_v    [L, S, W, H, D]                     ring of the last W K/V, slot = position % W
   win_pos         [S, W]                              position held by each ring entry (-1 empty)
@@ -28,7 +28,7 @@ class ModelRunner:
     def __init__(self, model: LM, layout: CacheLayout, num_blocks: int, num_slots: int, device: torch.device) -> None:
         self.model, self.layout, self.device = model, layout, device
         cfg = self.cfg = model.config
-        H, D, L, W = cfg.num_attn_heads, cfg.head_dim, cfg.n_layers, cfg.window_slots
+        H, D, L, W = cfg.num_kv_heads, cfg.head_dim, cfg.n_layers, cfg.window_slots  # GQA: K/V heads
         kv = dict(device=device, dtype=layout.kv_dtype)
         self.block_size = layout.block_size
         self.k_pool = torch.zeros(L, num_blocks * layout.block_size, H, D, **kv)

@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def expand_kv(x: Tensor, heads: int, dim: int) -> Tensor:
+    """GQA: repeat each key/value head of x (heads along `dim`) to serve `heads` query heads.
+
+    Query head h reads key/value head h // (heads / kv_heads), as in Hugging Face's repeat_kv.
+    """
+    return x if x.shape[dim] == heads else x.repeat_interleave(heads // x.shape[dim], dim)
+
+
 def visible(q_pos: Tensor, k_pos: Tensor, k_bnd: Tensor, window: int) -> Tensor:
     """Dense visibility [..., Tq, S] for query positions [..., Tq] and keys [..., S]."""
     t, s = q_pos[..., :, None], k_pos[..., None, :]
@@ -25,9 +33,10 @@ def visible(q_pos: Tensor, k_pos: Tensor, k_bnd: Tensor, window: int) -> Tensor:
 def block_attention(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_bnd: Tensor, window: int, block: int = 128,
 ) -> Tensor:
-    """q: [B, T, H, D] at increasing positions q_pos [T]; k, v: [B, S, H, D] at k_pos [S], with
+    """q: [B, T, H, D] at increasing positions q_pos [T]; k, v: [B, S, Hkv, D] at k_pos [S], with
     k_bnd [S] marking boundaries (each position appears once among the keys). -> [B, T, H, D]."""
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, D]
+    H = q.shape[2]
+    qh, kh, vh = q.transpose(1, 2), expand_kv(k, H, 2).transpose(1, 2), expand_kv(v, H, 2).transpose(1, 2)  # GQA
     T = q.shape[1]
     if bool(k_bnd.all()) and k.shape[1] == T and torch.equal(q_pos, k_pos):
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2)
@@ -45,9 +54,10 @@ def gathered_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) ->
     """One query per row over keys in several parts (e.g. boundary entries and the window ring),
     joined in one softmax without copying the keys together.
 
-    q: [B, H, D]; each part (k, v, valid): k, v [B, M_i, H, D], valid [B, M_i] bool. -> [B, H, D].
+    q: [B, H, D]; each part (k, v, valid): k, v [B, M_i, Hkv, D], valid [B, M_i] bool. -> [B, H, D].
     """
     qf = q.float() / math.sqrt(q.shape[-1])
+    parts = [(expand_kv(k, q.shape[1], 2), expand_kv(v, q.shape[1], 2), valid) for k, v, valid in parts]  # GQA
     scores = torch.cat([torch.einsum("bhd,bmhd->bhm", qf, k.float()).masked_fill(~valid[:, None, :], float("-inf"))
                         for k, _, valid in parts], -1)
     probs = torch.softmax(scores, -1).split([k.shape[1] for k, _, _ in parts], -1)
@@ -56,8 +66,9 @@ def gathered_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) ->
 
 
 def dense_attention_ref(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, bnd: Tensor, window: int) -> Tensor:
-    """Naive reference: a dense T x T mask over one sequence's own keys. q, k, v: [B, T, H, D]."""
+    """Naive reference: a dense T x T mask over one sequence's own keys. q: [B, T, H, D]; k, v: [B, T, Hkv, D]."""
     mask = visible(pos, pos, bnd, window)
+    k, v = expand_kv(k, q.shape[2], 2), expand_kv(v, q.shape[2], 2)  # GQA
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
     return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)

@@ -27,6 +27,7 @@ class ModelConfig:
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 means one per query head
     chunk_size: int = 8  # P
     window: int = 8  # L: a query sees its own position and the L before it
     ssm_state: int = 128  # N
@@ -41,7 +42,8 @@ class ModelConfig:
     reduced_head_dim: int = 16
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    chat_template: str = ""
+    chat_template: str = ""  # str.format template of one message, or a Jinja2 template ("{%")
+    tie_embeddings: bool = False  # the output head shares the embedding matrix
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,6 +63,10 @@ class ModelConfig:
             raise ValueError("kind 'sliding' needs sliding_window >= 1")
         if self.kind == "reduced" and self.attn_dim % self.reduced_head_dim:
             raise ValueError("d_model / chunk_size must be a multiple of reduced_head_dim")
+        if self.n_kv_heads < 0 or self.num_attn_heads % self.num_kv_heads:
+            raise ValueError(f"n_kv_heads must divide the {self.num_attn_heads} attention heads, got {self.n_kv_heads}")
+        if self.has_ssm and self.num_kv_heads != self.num_attn_heads:
+            raise ValueError("SSM keys/values have one head per query head: n_kv_heads must be 0 for kind " + self.kind)
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -79,6 +85,16 @@ class ModelConfig:
     @property
     def num_attn_heads(self) -> int:
         return self.attn_dim // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (fewer than the query heads with grouped-query attention)."""
+        return self.n_kv_heads or self.num_attn_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of k and v (num_kv_heads * D): what the cache stores per token and layer."""
+        return self.num_kv_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:

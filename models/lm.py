@@ -52,8 +52,8 @@ class Attention(nn.Module):
             args = (cfg.d_model, cfg.ssm_inner, cfg.ssm_state, cfg.ssm_heads, cfg.conv_width, cfg.norm_eps)
             self.ssm_k, self.ssm_v = ChunkSSM(*args), ChunkSSM(*args)
         else:
-            self.wk = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
-            self.wv = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
+            self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)  # GQA: k, v have num_kv_heads heads
+            self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
         self.wo = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
 
     def reset_parameters(self) -> None:
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         return torch.full_like(pos, self.cfg.all_boundaries, dtype=torch.bool)
 
     def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.cfg.num_attn_heads, self.cfg.head_dim))
+        return x.unflatten(-1, (-1, self.cfg.head_dim))  # GQA: q has num_attn_heads, k/v num_kv_heads
 
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None,
@@ -129,6 +129,8 @@ class LM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
         std = self.config.d_model**-0.5

@@ -55,7 +55,7 @@ def state_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16,
                 conv_dtype: torch.dtype | None = None) -> int:
     """Exact bytes one sequence of n tokens holds in the decode cache of model `cfg`."""
     kv_b = torch.empty(0, dtype=kv_dtype).element_size()
-    entry = 2 * cfg.attn_dim * kv_b  # one K and one V
+    entry = 2 * cfg.kv_dim * kv_b  # one K and one V (GQA: kv_dim)
     total = 0
     for layer in range(cfg.n_layers):
         if cfg.kind == "attamba":
@@ -71,8 +71,9 @@ def state_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16,
 
 
 def full_kv_bytes(cfg: ModelConfig, n: int, kv_dtype: torch.dtype = torch.float16) -> int:
-    """Bytes a full-KV transformer with the same width and depth holds for n tokens."""
-    return cfg.n_layers * n * 2 * cfg.d_model * torch.empty(0, dtype=kv_dtype).element_size()
+    """Bytes a full-KV transformer with the same width, depth and key/value heads holds for n tokens."""
+    width = cfg.d_model * (cfg.n_kv_heads or cfg.n_heads) // cfg.n_heads  # GQA: fewer K/V heads
+    return cfg.n_layers * n * 2 * width * torch.empty(0, dtype=kv_dtype).element_size()
 
 
 def _write(kv: LayerKV, cfg: ModelConfig, is_bnd: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
