@@ -60,7 +60,7 @@ class EngineArgs:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags shared by serve, generate and bench."""
     d = EngineArgs()
-    parser.add_argument("--model", default=d.model, help="checkpoint directory")
+    parser.add_argument("--model", default=d.model, help="checkpoint directory or named model (smollm2-135m)")
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     parser.add_argument("--cache-memory", type=parse_bytes, default=d.cache_memory, help="bytes, e.g. 2GiB")

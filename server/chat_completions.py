@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from server.errors import APIError
 from server.generation import Generation, unless_disconnected
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -22,7 +23,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     template = serving.chat_template
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = serving.sampling_params(req, req.output_limit, logprobs, template.stop, template.stop_token_ids)
-    prompt = template.render([("system" if m.role == "developer" else m.role, m.text) for m in req.messages])
+    try:
+        prompt = template.render([("system" if m.role == "developer" else m.role, m.text) for m in req.messages])
+    except ValueError as exc:  # a Jinja2 template's raise_exception
+        raise APIError(400, str(exc), "invalid_value", "messages") from exc
     gen = await serving.admit(request, "chatcmpl", prompt, params, "messages")
     if req.stream:
         return SSEResponse(guard(_stream(serving, gen, req)))

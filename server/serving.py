@@ -8,7 +8,7 @@ from starlette.requests import Request
 
 from engine.outputs import ContextLengthExceeded
 from engine.sampling_params import SamplingParams
-from server.chat import ChatTemplate
+from server.chat import load_chat_template
 from server.errors import APIError
 from server.generation import Generation
 from server.lifecycle import Lifecycle
@@ -37,7 +37,7 @@ class Serving:
         self.model_name = served_model_name or engine.model_name
         self.metrics = Metrics(engine, self.model_name)
         self.lifecycle = Lifecycle()
-        self.chat_template = ChatTemplate(engine.model_config.chat_template, engine.tokenizer)
+        self.chat_template = load_chat_template(engine.model_config, engine.tokenizer)
         self.logprobs = LogprobFormatter(engine.tokenizer)
 
     def check_ready(self) -> None:
