@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
 from .config import ModelConfig
-from .loading import WEIGHTS
+from .lm import LM
+from .loading import WEIGHTS, tied_weights
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -84,7 +85,7 @@ def gguf_config(reader: GGUFReader) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     return ModelConfig(
         kind="transformer",
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
         d_model=d,
         n_layers=_field(reader, "llama.block_count"),
         n_heads=heads,
@@ -107,7 +108,7 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_state_dict(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to fp32 under our names, Wq / Wk rows in Hugging Face's order."""
+    """Every tensor dequantized to fp32 under our names, Wq / Wk rows in Hugging Face's order (shapes checked)."""
     from gguf.quants import dequantize
 
     state = {}
@@ -115,16 +116,21 @@ def gguf_state_dict(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torch.Ten
         if t.name in GLOBAL_TENSORS:
             name = GLOBAL_TENSORS[t.name]
         else:
-            blk, layer, kind, suffix = t.name.split(".")
-            if blk != "blk" or kind not in LAYER_TENSORS or suffix != "weight":
+            parts = t.name.split(".")
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LAYER_TENSORS or parts[3] != "weight":
                 raise ValueError(f"unexpected GGUF tensor {t.name}")
-            name = f"blocks.{layer}.{LAYER_TENSORS[kind]}.weight"
+            name = f"blocks.{parts[1]}.{LAYER_TENSORS[parts[2]]}.weight"
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         if name.endswith("attn.wq.weight"):
             w = unpermute_rotary(w, cfg.n_heads)
         elif name.endswith("attn.wk.weight"):
             w = unpermute_rotary(w, cfg.num_kv_heads)
         state[name] = w.contiguous()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LM(cfg).state_dict().items() if k not in tied_weights(cfg)}
+    wrong = sorted(set(shapes) ^ set(state)) or sorted(k for k in shapes if state[k].shape != shapes[k])
+    if wrong:
+        raise ValueError(f"GGUF tensors do not match a {cfg.n_layers}-layer Llama: {wrong[:5]}")
     return state
 
 
@@ -153,8 +159,6 @@ def convert_gguf(path: str | Path, out: str | Path) -> ModelConfig:
     reader = read_gguf(path)
     cfg = gguf_config(reader)
     state = gguf_state_dict(reader, cfg)
-    if state["embed.weight"].shape != (cfg.vocab_size, cfg.d_model):
-        raise ValueError(f"token_embd is {tuple(state['embed.weight'].shape)}, the vocabulary has {cfg.vocab_size} tokens")
     tok = gguf_tokenizer(reader)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = ModelConfig.load(path).replace(**overrides)
     model = LM(cfg)  # default init is overwritten below (assign=True); the meta device costs seconds to import
     tensors = load_file(str(weights), device=str(device))
-    expected = set(model.state_dict()) - _tied(cfg)
+    expected = set(model.state_dict()) - tied_weights(cfg)
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
@@ -49,8 +49,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval()
 
 
-def _tied(cfg: ModelConfig) -> set[str]:
-    """State-dict names that alias another tensor and are not stored."""
+def tied_weights(cfg: ModelConfig) -> set[str]:
+    """State-dict names that alias another tensor and are not stored in a checkpoint."""
     return {"head.weight"} if cfg.tie_embeddings else set()
 
 
@@ -61,7 +61,7 @@ def save_checkpoint(model: LM, path: str | Path, tokenizer_file: str | Path | No
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
     state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if k not in _tied(model.config)}
+             if k not in tied_weights(model.config)}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (path / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_file, path / "tokenizer.json")

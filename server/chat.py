@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import string
 from datetime import datetime
+from typing import NoReturn
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -93,7 +94,7 @@ def _tojson(x: object, ensure_ascii: bool = False, indent: int | None = None, se
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _raise_exception(message: str) -> None:
+def _raise_exception(message: str) -> NoReturn:
     raise jinja2.TemplateError(message)
 
 

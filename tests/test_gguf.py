@@ -111,8 +111,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, model: torch.nn.Module, tokenizer_file: Path) -> None:
-    """A llama GGUF the way llama.cpp's converter writes one (F32 tensors, rotary rows permuted)."""
+def write_tiny_gguf(path: Path, model: torch.nn.Module, tokenizer_file: Path, drop: str = "head.weight") -> None:
+    """A llama GGUF the way llama.cpp's converter writes one (F32 tensors, rotary rows permuted), without `drop`."""
     gguf = pytest.importorskip("gguf")
     cfg = model.config
     tok = json.loads(tokenizer_file.read_text())
@@ -138,7 +138,7 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, tokenizer_file: Path) ->
              "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output", "ffn_norm": "ffn_norm",
              "ffn.w1": "ffn_gate", "ffn.w3": "ffn_up", "ffn.w2": "ffn_down"}
     for name, t in model.state_dict().items():
-        if name == "head.weight":
+        if name in (drop, "head.weight"):
             continue
         parts = name.removesuffix(".weight").split(".")
         a = t.numpy().copy()
@@ -185,14 +185,18 @@ def test_convert_gguf_reproduces_the_model_and_tokenizer(tmp_path: Path, tiny_gg
     assert ours.encode(text) == ref.encode(text) and ours.decode(ours.encode(text)) == text
 
 
-@pytest.mark.parametrize("case", ["missing", "not-gguf", "out-not-empty"])
-def test_convert_gguf_rejects_bad_input_in_one_line(tmp_path: Path, tiny_gguf, capsys, case: str) -> None:
+@pytest.mark.parametrize("case", ["missing", "not-gguf", "truncated", "out-not-empty"])
+def test_convert_gguf_rejects_bad_input_in_one_line(tmp_path: Path, tiny_gguf, tokenizer_file: Path, capsys,
+                                                    case: str) -> None:
     src, out = tiny_gguf[0], tmp_path / "out"
     if case == "missing":
         src = tmp_path / "nope.gguf"
     elif case == "not-gguf":
         src = tmp_path / "x.gguf"
         src.write_bytes(b"not a gguf file at all")
+    elif case == "truncated":
+        src = tmp_path / "t.gguf"
+        write_tiny_gguf(src, tiny_gguf[1], tokenizer_file, drop="blocks.1.ffn.w2.weight")
     else:
         out.mkdir()
         (out / "keep").write_text("x")
