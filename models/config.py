@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("attamba", "pseudo", "transformer", "sliding", "reduced")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # Hugging Face's file, read when config.json has no chat_template
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,11 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        return cls.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        template = path.parent / CHAT_TEMPLATE_FILE
+        if not data.get("chat_template") and template.is_file():
+            data["chat_template"] = template.read_text(encoding="utf-8")
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -9,8 +9,8 @@ A checkpoint sets it in config.json as `chat_template`; when empty, DEFAULT_TEMP
 
     <|system|>\\nYou are terse.\\n<|user|>\\nHi\\n<|assistant|>\\n
 
-A `chat_template` holding a Jinja2 statement (`{%`), as Hugging Face checkpoints and GGUF files
-carry, is rendered the way transformers' `apply_chat_template` does (JinjaChatTemplate); the reply
+A `chat_template` holding a Jinja2 statement (`{%`), as Hugging Face checkpoints (config.json or
+a chat_template.jinja file next to it) and GGUF files carry, is rendered the way transformers' `apply_chat_template` does (JinjaChatTemplate); the reply
 then ends at the model's EOS token or `<|im_end|>`.
 """
 from __future__ import annotations

@@ -4,17 +4,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
+from engine.async_engine import AsyncEngine
 from engine.cache_manager import CacheLayout
 from models import ModelConfig, build_model, decode_step, load_model, prefill, registry, save_checkpoint, state_bytes
 from models.loading import WEIGHTS
+from models.tokenizer import Tokenizer
+from server.app import create_app
+from server.background import serve_in_thread
 from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
 from server.cli import main
+
 from conftest import make_checkpoint
+
 
 CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
@@ -70,8 +78,6 @@ def test_gqa_prefill_and_decode_equal_forward_and_state_bytes(kind: str) -> None
 
 
 def test_tied_checkpoint_stores_the_embedding_once(tmp_path: Path) -> None:
-    from safetensors import safe_open
-
     model = build_model(gqa(), seed=0).eval()
     save_checkpoint(model, tmp_path)
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
@@ -157,8 +163,6 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, tokenizer_file: Path, dr
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, tokenizer_file: Path) -> tuple[Path, torch.nn.Module]:
-    from models.tokenizer import Tokenizer
-
     vocab = Tokenizer.from_file(tokenizer_file).vocab_size
     cfg = ModelConfig(kind="transformer", vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       ffn_hidden=48, max_seq_len=64, rope_theta=5000.0, tie_embeddings=True, eos_token_id=0)
@@ -170,8 +174,6 @@ def tiny_gguf(tmp_path_factory, tokenizer_file: Path) -> tuple[Path, torch.nn.Mo
 
 def test_convert_gguf_reproduces_the_model_and_tokenizer(tmp_path: Path, tiny_gguf, tokenizer_file: Path,
                                                          sample: str) -> None:
-    from models.tokenizer import Tokenizer
-
     path, model = tiny_gguf
     assert main(["convert-gguf", str(path), "--out", str(tmp_path / "ck")]) == 0
     loaded = load_model(tmp_path / "ck")
@@ -226,12 +228,11 @@ def test_named_model_without_its_wheel_and_unknown_dirs_are_one_line_errors(monk
 
 
 # ---- chat templates -------------------------------------------------------------------------------------------
-def test_jinja_chat_template_renders_and_stops_at_eos(tokenizer_file: Path) -> None:
-    from models.tokenizer import Tokenizer
-
+def test_jinja_chat_template_renders_and_stops_at_eos(tmp_path: Path, tokenizer_file: Path) -> None:
     tok = Tokenizer.from_file(tokenizer_file)
-    cfg = ModelConfig(chat_template=CHATML, eos_token_id=0)
-    tpl = load_chat_template(cfg, tok)
+    ModelConfig(eos_token_id=0).save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(CHATML)  # Hugging Face's file, used when config.json has none
+    tpl = load_chat_template(ModelConfig.load(tmp_path), tok)
     assert isinstance(tpl, JinjaChatTemplate) and tpl.stop_token_ids == [0] and tpl.stop == []
     assert tpl.render([("user", "Hi {x}")]) == "<|user|>\nHi {x}<|endoftext|>\n<|assistant|>\n"
     assert tpl.render([("user", "Hi")], add_generation_prompt=False) == "<|user|>\nHi<|endoftext|>\n"
@@ -242,3 +243,22 @@ def test_jinja_chat_template_renders_and_stops_at_eos(tokenizer_file: Path) -> N
         strict.render([("assistant", "Hi")])
     with pytest.raises(ValueError, match="Jinja2"):
         JinjaChatTemplate("{% for %}", tok, None, 0)
+
+
+def test_chat_request_a_jinja_template_rejects_is_a_400(tmp_path: Path, tokenizer_file: Path) -> None:
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be a user turn') }}" \
+             "{% endif %}" + CHATML
+    path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, chat_template=strict, eos_token_id=0)
+    engine = AsyncEngine(EngineArgs(model=str(path), cache_memory=4 << 20, max_num_seqs=2))
+    engine.start()
+    try:
+        with serve_in_thread(create_app(engine)) as url:
+            chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
+            bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+            chat["messages"][0]["role"] = "user"
+            good = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+    finally:
+        engine.shutdown()
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+    assert "user turn" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["usage"]["prompt_tokens"] > 0
