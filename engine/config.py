@@ -87,7 +87,7 @@ def fit_max_model_len(requested: int | None, default: int, fits: Callable[[int],
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags shared by serve, generate and bench."""
     d = EngineArgs()
-    parser.add_argument("--model", default=d.model, help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--model", default=d.model, help="checkpoint directory or named model, e.g. smollm2-135m (default: %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                         help="most sequences running at once (default: %(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,

@@ -8,6 +8,7 @@ import torch
 
 from models.config import ModelConfig
 from models.loading import load_model
+from models.registry import resolve_model
 from models.tokenizer import Tokenizer
 
 from .cache_manager import CacheLayout, CacheManager
@@ -27,9 +28,7 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        path = Path(args.model)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory not found: {args.model}")
+        path = resolve_model(args.model)  # a checkpoint directory or a named model (models/registry.py)
         overrides = {}
         if args.chunk_size is not None:
             self._check_chunk_override(path, args.chunk_size)

@@ -20,7 +20,7 @@ class OutputProcessor:
             seq.top_logprobs.append(top or [])
         start = len(seq.text)
         seq.text += seq.decoder.push(token)
-        reason, cut = check_stop(seq.text, start, token, seq.params, self.eos_token_id)
+        reason, cut = check_stop(seq.text, start, token, len(seq.output_ids), seq.params, self.eos_token_id)
         if reason is None and (len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

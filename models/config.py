@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("attamba", "pseudo", "transformer", "sliding", "reduced")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # Hugging Face's file, read when config.json has no chat_template
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class ModelConfig:
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
-    n_kv_heads: int = 0  # grouped-query attention for the Wk/Wv kinds; 0: as many as n_heads
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 means one per query head
     chunk_size: int = 8  # P
     window: int = 8  # L: a query sees its own position and the L before it
     ssm_state: int = 128  # N
@@ -42,7 +43,7 @@ class ModelConfig:
     reduced_head_dim: int = 16
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    chat_template: str = ""
+    chat_template: str = ""  # str.format template of one message, or a Jinja2 template ("{%")
     tie_embeddings: bool = False  # the output head shares the embedding matrix
 
     def __post_init__(self) -> None:
@@ -57,14 +58,16 @@ class ModelConfig:
                 raise ValueError("ssm_inner must be divisible by ssm_heads")
             if self.conv_width < 2:
                 raise ValueError("conv_width must be >= 2")
-        if self.n_kv_heads and (self.has_ssm or self.num_attn_heads % self.n_kv_heads):
-            raise ValueError("n_kv_heads must divide the attention heads (and SSM keys have no GQA)")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
         if self.kind == "sliding" and self.sliding_window < 1:
             raise ValueError("kind 'sliding' needs sliding_window >= 1")
         if self.kind == "reduced" and self.attn_dim % self.reduced_head_dim:
             raise ValueError("d_model / chunk_size must be a multiple of reduced_head_dim")
+        if self.n_kv_heads < 0 or self.num_attn_heads % self.num_kv_heads:
+            raise ValueError(f"n_kv_heads must divide the {self.num_attn_heads} attention heads, got {self.n_kv_heads}")
+        if self.has_ssm and self.num_kv_heads != self.num_attn_heads:
+            raise ValueError("SSM keys/values have one head per query head: n_kv_heads must be 0 for kind " + self.kind)
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -86,11 +89,12 @@ class ModelConfig:
 
     @property
     def num_kv_heads(self) -> int:
+        """Key/value heads (fewer than the query heads with grouped-query attention)."""
         return self.n_kv_heads or self.num_attn_heads
 
     @property
     def kv_dim(self) -> int:
-        """Width of one cached K (or V): kv heads x head width."""
+        """Width of k and v (num_kv_heads * D): what the cache stores per token and layer."""
         return self.num_kv_heads * self.head_dim
 
     @property
@@ -128,7 +132,11 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        return cls.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        template = path.parent / CHAT_TEMPLATE_FILE
+        if not data.get("chat_template") and template.is_file():
+            data["chat_template"] = template.read_text(encoding="utf-8")
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

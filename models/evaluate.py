@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .data import SPLITS, encode_corpus, eval_windows, read_split, word_count
 from .lm import LM
 from .loading import load_model
+from .registry import resolve_model
 from .tokenizer import Tokenizer
 
 
@@ -72,7 +73,7 @@ def evaluate_ppl(model: LM, tokenizer: Tokenizer, text: str, seq_len: int, batch
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json) or named model")
     parser.add_argument("--split", default="test", choices=SPLITS, help="WikiText-2 split (default: test)")
     parser.add_argument("--text", help="evaluate this UTF-8 text file instead of a WikiText-2 split")
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's training length)")
@@ -82,9 +83,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    model_dir = resolve_model(args.model)
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json")

@@ -35,16 +35,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = ModelConfig.load(path).replace(**overrides)
     model = LM(cfg)  # default init is overwritten below (assign=True); the meta device costs seconds to import
     tensors = load_file(str(weights), device=str(device))
-    missing = set(model.state_dict()) - set(tensors)
-    unexpected = set(tensors) - set(model.state_dict())
+    expected = set(model.state_dict()) - tied_weights(cfg)
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     else:
         tensors = {k: v.float() for k, v in tensors.items()}
-    model.load_state_dict(tensors, assign=True)
+    model.load_state_dict(tensors, assign=True, strict=False)  # the names were checked above
+    if cfg.tie_embeddings:
+        model.tie_weights()  # assign=True replaced the embedding's Parameter: tie it again
     return model.eval()
+
+
+def tied_weights(cfg: ModelConfig) -> set[str]:
+    """State-dict names that alias another tensor and are not stored in a checkpoint."""
+    return {"head.weight"} if cfg.tie_embeddings else set()
 
 
 def save_checkpoint(model: LM, path: str | Path, tokenizer_file: str | Path | None = None,
@@ -53,7 +60,8 @@ def save_checkpoint(model: LM, path: str | Path, tokenizer_file: str | Path | No
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
-    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k not in tied_weights(model.config)}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (path / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_file, path / "tokenizer.json")

@@ -8,11 +8,23 @@ trailing whitespace stripped) of any role, so the reply stops before a new turn 
 A checkpoint sets it in config.json as `chat_template`; when empty, DEFAULT_TEMPLATE is used:
 
     <|system|>\\nYou are terse.\\n<|user|>\\nHi\\n<|assistant|>\\n
+
+A `chat_template` holding a Jinja2 statement (`{%`), as Hugging Face checkpoints (config.json or
+a chat_template.jinja file next to it) and GGUF files carry, is rendered the way transformers' `apply_chat_template` does (JinjaChatTemplate); the reply
+then ends at the model's EOS token or `<|im_end|>`.
 """
 from __future__ import annotations
 
+import json
 import string
+from datetime import datetime
+from typing import NoReturn
 
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 
 DEFAULT_TEMPLATE = "<|{role}|>\n{content}\n"
@@ -43,3 +55,51 @@ class ChatTemplate:
         """(role, content) pairs -> the prompt text that asks for the assistant's reply."""
         turns = "".join(self.template.format(role=role, content=content) for role, content in messages)
         return turns + self.generation_prompt
+
+
+class JinjaChatTemplate:
+    """A Jinja2 chat template rendered with transformers' conventions: `messages` as dicts,
+    `add_generation_prompt`, `bos_token` / `eos_token`, `raise_exception`, `tojson`, `strftime_now`,
+    trim_blocks and lstrip_blocks, in a sandbox. The reply stops at the EOS or `<|im_end|>` token."""
+
+    END_OF_TURN = "<|im_end|>"
+
+    def __init__(self, template: str, tokenizer: Tokenizer, bos_token_id: int | None, eos_token_id: int | None) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"chat template is not valid Jinja2: {exc}") from exc
+        self.special = {name: tokenizer.hf.id_to_token(i) for name, i in
+                        (("bos_token", bos_token_id), ("eos_token", eos_token_id)) if i is not None}
+        ids = [eos_token_id, tokenizer.token_to_id(self.END_OF_TURN)]
+        self.stop: list[str] = []
+        self.stop_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
+
+    def render(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+        """(role, content) pairs -> the prompt text; ValueError when the template rejects them."""
+        try:
+            return self.template.render(messages=[{"role": r, "content": c} for r, c in messages],
+                                        add_generation_prompt=add_generation_prompt, **self.special)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"chat template: {exc}") from exc
+
+
+def _tojson(x: object, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    """transformers' `tojson`: plain json.dumps (Jinja's own escapes HTML characters)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise jinja2.TemplateError(message)
+
+
+def load_chat_template(config: ModelConfig, tokenizer: Tokenizer) -> ChatTemplate | JinjaChatTemplate:
+    """The chat template of a checkpoint: Jinja2 when its `chat_template` has a `{%` statement."""
+    if "{%" in config.chat_template:
+        return JinjaChatTemplate(config.chat_template, tokenizer, config.bos_token_id, config.eos_token_id)
+    return ChatTemplate(config.chat_template, tokenizer)

@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("models.train", "train a model from a config file (resumable)"),
     "eval-ppl": ("models.evaluate", "WikiText-2 perplexity as JSON"),
     "bench": ("benchmarks.cli", "throughput / memory / latency benchmarks as JSON"),
+    "convert-gguf": ("models.gguf", "a GGUF Llama model (e.g. SmolLM2) to a checkpoint directory"),
 }
 
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from engine.guided import GuidedDecoding
 from engine.outputs import ContextLengthExceeded
 from engine.sampling_params import SamplingParams
-from server.chat import ChatTemplate
+from server.chat import load_chat_template
 from server.errors import APIError
 from server.generation import Generation, GenerationBatch
 from server.lifecycle import Lifecycle
@@ -96,7 +96,7 @@ class Serving:
         self.model_name = served_model_name or engine.model_name
         self.metrics = Metrics(engine, self.model_name)
         self.lifecycle = Lifecycle()
-        self.chat_template = ChatTemplate(engine.model_config.chat_template, engine.tokenizer)
+        self.chat_template = load_chat_template(engine.model_config, engine.tokenizer)
         self.logprobs = LogprobFormatter(engine.tokenizer)
 
     def check_ready(self) -> None:
@@ -112,7 +112,11 @@ class Serving:
                            "model_not_found", "model")
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
-        return self.chat_template.render([("system" if m.role == "developer" else m.role, m.text) for m in messages])
+        """The prompt text of a conversation; a 400 when the template refuses it (raise_exception)."""
+        try:
+            return self.chat_template.render([("system" if m.role == "developer" else m.role, m.text) for m in messages])
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_value", "messages") from exc
 
     def sampling_params(self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                         extra_stop: list[str] | None = None, extra_stop_token_ids: list[int] | None = None

@@ -1,0 +1,264 @@
+"""Grouped-query attention, tied embeddings, GGUF conversion (a tiny GGUF written here), named models, Jinja chats."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine import LLM, EngineArgs, LLMEngine, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.cache_manager import CacheLayout
+from models import ModelConfig, build_model, decode_step, load_model, prefill, registry, save_checkpoint, state_bytes
+from models.loading import WEIGHTS
+from models.tokenizer import Tokenizer
+from server.app import create_app
+from server.background import serve_in_thread
+from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
+from server.cli import main
+
+from conftest import make_checkpoint
+
+
+CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def gqa(kind: str = "transformer", **kw) -> ModelConfig:
+    base = dict(kind=kind, vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, sliding_window=6,
+                tie_embeddings=True)
+    return ModelConfig(**{**base, **kw})
+
+
+# ---- config, GQA and tied embeddings in the model ------------------------------------------------------
+def test_config_checks_kv_heads_and_old_configs_load(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        gqa(n_kv_heads=3)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(kind="attamba", n_kv_heads=2)
+    assert (gqa().num_kv_heads, gqa().kv_dim, gqa(n_kv_heads=0).kv_dim) == (2, 16, 32)
+    old = {k: v for k, v in ModelConfig().to_dict().items() if k not in ("n_kv_heads", "tie_embeddings")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert ModelConfig.load(tmp_path) == ModelConfig()
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads() -> None:
+    """Query head h reads KV head h // 2: the same model with Wk/Wv rows repeated per head gives the same logits."""
+    cfg = gqa()
+    model = build_model(cfg, seed=0).eval()
+    full = build_model(cfg.replace(n_kv_heads=0), seed=1).eval()
+    state = model.state_dict()
+    for name, t in state.items():
+        if name.endswith(("wk.weight", "wv.weight")):
+            t = t.unflatten(0, (cfg.num_kv_heads, cfg.head_dim)).repeat_interleave(2, 0).flatten(0, 1)
+        full.state_dict()[name].copy_(t)
+    ids = torch.randint(0, cfg.vocab_size, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), full(ids))
+
+
+@pytest.mark.parametrize("kind", ["transformer", "sliding"])
+def test_gqa_prefill_and_decode_equal_forward_and_state_bytes(kind: str) -> None:
+    cfg = gqa(kind)
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        logits, state = prefill(model, ids[:, :9])
+        torch.testing.assert_close(logits, full[:, :9], atol=1e-4, rtol=0)
+        assert state.cache_nbytes() == 2 * state_bytes(cfg, 9, kv_dtype=torch.float32)  # two rows
+        for t in range(9, 30):
+            step, state = decode_step(model, ids[:, t], state)
+            torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=0)
+        assert state.cache_nbytes() == 2 * state_bytes(cfg, 30, kv_dtype=torch.float32)
+
+
+def test_tied_checkpoint_stores_the_embedding_once(tmp_path: Path) -> None:
+    model = build_model(gqa(), seed=0).eval()
+    save_checkpoint(model, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        assert "head.weight" not in f.keys() and "embed.weight" in f.keys()
+    loaded = load_model(tmp_path)
+    assert loaded.head.weight is loaded.embed.weight
+    ids = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_engine_with_gqa_matches_forward_under_preemption(tmp_path: Path, tokenizer_file: Path) -> None:
+    path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, tie_embeddings=True)
+    model = load_model(path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 20, 41)]
+    layout = CacheLayout.for_model(model.config, 4, torch.float32)
+    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, max_num_seqs=3,
+              cache_memory=layout.block_bytes * (layout.blocks(49) + 1))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert out.token_ids == ids[len(prompt):]
+    assert llm.engine.scheduler.num_preemptions > 0
+    engine = LLMEngine(EngineArgs(model=str(path), block_size=1))
+    engine.add_request("a", prompts[2], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert engine.stats().cache_bytes_used == state_bytes(engine.config, 41, torch.float32)
+
+
+# ---- GGUF conversion ----------------------------------------------------------------------------------------
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's `permute` of Wq / Wk rows (n_head: the KV heads for Wk)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, model: torch.nn.Module, tokenizer_file: Path, drop: str = "head.weight") -> None:
+    """A llama GGUF the way llama.cpp's converter writes one (F32 tensors, rotary rows permuted), without `drop`."""
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+    tok = json.loads(tokenizer_file.read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    w.add_eos_token_id(0)
+    w.add_chat_template(CHATML)
+    names = {"embed": "token_embd", "norm": "output_norm", "attn_norm": "attn_norm", "attn.wq": "attn_q",
+             "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output", "ffn_norm": "ffn_norm",
+             "ffn.w1": "ffn_gate", "ffn.w3": "ffn_up", "ffn.w2": "ffn_down"}
+    for name, t in model.state_dict().items():
+        if name in (drop, "head.weight"):
+            continue
+        parts = name.removesuffix(".weight").split(".")
+        a = t.numpy().copy()
+        if parts[0] == "blocks":
+            gname = f"blk.{parts[1]}.{names['.'.join(parts[2:])]}.weight"
+            if parts[-1] in ("wq", "wk"):
+                a = llama_cpp_permute(a, cfg.n_heads if parts[-1] == "wq" else cfg.num_kv_heads)
+        else:
+            gname = f"{names[parts[0]]}.weight"
+        w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tokenizer_file: Path) -> tuple[Path, torch.nn.Module]:
+    vocab = Tokenizer.from_file(tokenizer_file).vocab_size
+    cfg = ModelConfig(kind="transformer", vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_hidden=48, max_seq_len=64, rope_theta=5000.0, tie_embeddings=True, eos_token_id=0)
+    model = build_model(cfg, seed=0).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, model, tokenizer_file)
+    return path, model
+
+
+def test_convert_gguf_reproduces_the_model_and_tokenizer(tmp_path: Path, tiny_gguf, tokenizer_file: Path,
+                                                         sample: str) -> None:
+    path, model = tiny_gguf
+    assert main(["convert-gguf", str(path), "--out", str(tmp_path / "ck")]) == 0
+    loaded = load_model(tmp_path / "ck")
+    cfg = loaded.config
+    assert (cfg.n_kv_heads, cfg.tie_embeddings, cfg.rope_theta, cfg.chat_template) == (2, True, 5000.0, CHATML)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=1e-5, rtol=1e-5)  # eps went through fp32
+    ours, ref = Tokenizer.from_file(tmp_path / "ck" / "tokenizer.json"), Tokenizer.from_file(tokenizer_file)
+    text = sample[:2000] + " 12345 <|user|> café\t\t  end"
+    assert ours.encode(text) == ref.encode(text) and ours.decode(ours.encode(text)) == text
+
+
+@pytest.mark.parametrize("case", ["missing", "not-gguf", "truncated", "out-not-empty"])
+def test_convert_gguf_rejects_bad_input_in_one_line(tmp_path: Path, tiny_gguf, tokenizer_file: Path, capsys,
+                                                    case: str) -> None:
+    src, out = tiny_gguf[0], tmp_path / "out"
+    if case == "missing":
+        src = tmp_path / "nope.gguf"
+    elif case == "not-gguf":
+        src = tmp_path / "x.gguf"
+        src.write_bytes(b"not a gguf file at all")
+    elif case == "truncated":
+        src = tmp_path / "t.gguf"
+        write_tiny_gguf(src, tiny_gguf[1], tokenizer_file, drop="blocks.1.ffn.w2.weight")
+    else:
+        out.mkdir()
+        (out / "keep").write_text("x")
+    assert main(["convert-gguf", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attamba convert-gguf: error:") and len(err.strip().splitlines()) == 1
+
+
+# ---- named models ---------------------------------------------------------------------------------------------
+def test_named_model_converts_once_into_the_cache(tmp_path: Path, tiny_gguf, monkeypatch) -> None:
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(registry.NAMED_MODELS, "tiny-gguf", registry.NamedModel("no-such-dist", "x.gguf", "x"))
+    monkeypatch.setattr(registry, "named_model_gguf", lambda name: tiny_gguf[0])
+    path = registry.resolve_model("tiny-gguf")
+    assert path == tmp_path / "cache" / "tiny-gguf" and (path / "config.json").is_file()
+    stamp = (path / WEIGHTS).stat().st_mtime_ns
+    assert registry.resolve_model("tiny-gguf") == path and (path / WEIGHTS).stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny-gguf"]  # no temporary left behind
+
+
+def test_named_model_without_its_wheel_and_unknown_dirs_are_one_line_errors(monkeypatch) -> None:
+    monkeypatch.setitem(registry.NAMED_MODELS, "ghost", registry.NamedModel("no-such-dist-xyz", "x.gguf", "ghost"))
+    with pytest.raises(FileNotFoundError, match=r"no-such-dist-xyz wheel: pip install 'attamba-serve\[ghost\]'"):
+        registry.resolve_model("ghost")
+    with pytest.raises(FileNotFoundError, match="named models: smollm2-135m"):
+        registry.resolve_model("/no/such/dir")
+
+
+# ---- chat templates -------------------------------------------------------------------------------------------
+def test_jinja_chat_template_renders_and_stops_at_eos(tmp_path: Path, tokenizer_file: Path) -> None:
+    tok = Tokenizer.from_file(tokenizer_file)
+    ModelConfig(eos_token_id=0).save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(CHATML)  # Hugging Face's file, used when config.json has none
+    tpl = load_chat_template(ModelConfig.load(tmp_path), tok)
+    assert isinstance(tpl, JinjaChatTemplate) and tpl.stop_token_ids == [0] and tpl.stop == []
+    assert tpl.render([("user", "Hi {x}")]) == "<|user|>\nHi {x}<|endoftext|>\n<|assistant|>\n"
+    assert tpl.render([("user", "Hi")], add_generation_prompt=False) == "<|user|>\nHi<|endoftext|>\n"
+    assert isinstance(load_chat_template(ModelConfig(), tok), ChatTemplate)  # str.format templates stay
+    strict = JinjaChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}",
+                               tok, None, 0)
+    with pytest.raises(ValueError, match="user first"):
+        strict.render([("assistant", "Hi")])
+    with pytest.raises(ValueError, match="Jinja2"):
+        JinjaChatTemplate("{% for %}", tok, None, 0)
+
+
+def test_chat_request_a_jinja_template_rejects_is_a_400(tmp_path: Path, tokenizer_file: Path) -> None:
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be a user turn') }}" \
+             "{% endif %}" + CHATML
+    path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, chat_template=strict, eos_token_id=0)
+    engine = AsyncEngine(EngineArgs(model=str(path), cache_memory=4 << 20, max_num_seqs=2))
+    engine.start()
+    try:
+        with serve_in_thread(create_app(engine)) as url:
+            chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
+            bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+            chat["messages"][0]["role"] = "user"
+            good = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+    finally:
+        engine.shutdown()
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+    assert "user turn" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["usage"]["prompt_tokens"] > 0
