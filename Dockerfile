@@ -30,6 +30,7 @@ COPY engine ./engine
 COPY kernels ./kernels
 COPY server ./server
 COPY benchmarks ./benchmarks
+COPY training ./training
 RUN if [ "$CUDA" = "1" ]; then pip install ".[cuda]"; else pip install .; fi
 COPY checkpoints ./checkpoints
 

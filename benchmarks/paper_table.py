@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from models.config import ModelConfig
-from models.data import read_split
-from models.evaluate import evaluate_ppl
+from training.data import read_split
+from training.evaluate import evaluate_ppl
 from models.kv_spec import CacheSpec
 from models.lm import build_model
 from models.loading import load_model
 from models.state import state_bytes
 from models.tokenizer import Tokenizer
-from models.train import load_config, load_train_ids
+from training.train import load_config, load_train_ids
 
 from .paper_report import BY_NAME, CONTEXTS, NOT_RUN, ROWS, comparisons, plot, write_markdown
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import re
 from collections.abc import Callable
@@ -42,8 +43,11 @@ class EngineArgs:
     dtype: str = "float32"  # weights and cached K/V
     max_waiting: int = 256  # waiting-queue bound; add_request beyond it raises QueueFull
     chunk_size: int | None = None  # Attamba P override for the whole engine (attamba kind only)
+    threads: int = 0  # torch CPU threads; 0: the cores this process may run on
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -57,6 +61,11 @@ class EngineArgs:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def num_threads(self) -> int:
+        """CPU threads for torch: as asked, else the cores this process may use (its affinity)."""
+        return self.threads or len(os.sched_getaffinity(0))
 
 
 log = logging.getLogger("attamba.engine")
@@ -104,6 +113,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="(default: %(default)s)")
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES),
                         help="weights and cached K/V (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="torch CPU threads (default: the cores this process may use)")
     parser.add_argument("--max-waiting", type=int, default=d.max_waiting,
                         help="sequences the waiting queue holds; more get 429 (default: %(default)s)")
 

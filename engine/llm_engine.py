@@ -34,6 +34,7 @@ class LLMEngine:
             self._check_chunk_override(path, args.chunk_size)
             overrides["chunk_size"] = args.chunk_size
         self.device = torch.device(args.device)
+        torch.set_num_threads(args.num_threads)
         self.model = load_model(path, self.device, args.torch_dtype, **overrides)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")

@@ -136,15 +136,16 @@ class Attention(nn.Module):
 
     # ---- the reference paths -------------------------------------------------------------------
     def project(
-        self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None,
+        self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
-        """u: [B, T, d] at shared positions pos [T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied)."""
+        """u: [B, T, d] at shared positions pos [T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied).
+        mamba: the SSMs run mamba-ssm's kernels (see ChunkSSM.forward)."""
         theta = self.cfg.rope_theta
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
             P = self.cfg.chunk_size
-            k, sk = self.ssm_k(u, pos, P, self.offset, state.k if state else None, last)
-            v, sv = self.ssm_v(u, pos, P, self.offset, state.v if state else None, last)
+            k, sk = self.ssm_k(u, pos, P, self.offset, state.k if state else None, last, mamba)
+            v, sv = self.ssm_v(u, pos, P, self.offset, state.v if state else None, last, mamba)
             k, v = self._heads(k + u), self._heads(v + u)
             new_state = LayerSSMState(sk, sv) if last is not None else None
         else:
@@ -222,14 +223,15 @@ class LM(nn.Module):
             blk.ffn.pack()
         return self
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids: [B, T] from position 0 -> logits [B, T, V]."""
+    def forward(self, input_ids: Tensor, mamba: bool = False) -> Tensor:
+        """input_ids: [B, T] from position 0 -> logits [B, T, V]. mamba: run the SSMs through
+        mamba-ssm's kernels (CUDA, the package installed; an error otherwise)."""
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor) -> Tensor:
             spec = self.blocks[layer].attn.spec
             return block_attention(q, k, v, qpos, qpos, spec.is_boundary(qpos), spec.window)
 
-        hidden, _ = self.extend(input_ids, 0, None, None, attend)
+        hidden, _ = self.extend(input_ids, 0, None, None, attend, mamba)
         return self.logits(hidden)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -244,6 +246,7 @@ class LM(nn.Module):
 
     def extend(
         self, input_ids: Tensor, start: int, states: list[LayerSSMState] | None, last: Tensor | None, attend: AttendFn,
+        mamba: bool = False,
     ) -> tuple[Tensor, list[LayerSSMState] | None]:
         """Run tokens at positions start..start+T-1 for every row (right padding allowed).
 
@@ -255,7 +258,7 @@ class LM(nn.Module):
         x = self.embed(input_ids)
         new_states = []
         for i, blk in enumerate(self.blocks):
-            q, k, v, st = blk.attn.project(blk.attn_norm(x), pos, states[i] if states else None, last)
+            q, k, v, st = blk.attn.project(blk.attn_norm(x), pos, states[i] if states else None, last, mamba)
             x = blk.finish(x, attend(i, q, k, v, pos))
             new_states.append(st)
         return x, (new_states if self.config.has_ssm and last is not None else None)

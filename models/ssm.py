@@ -155,17 +155,22 @@ class ChunkSSM(nn.Module):
 
     def forward(
         self, u: Tensor, pos: Tensor, chunk_size: int, offset: int,
-        state: SSMState | None = None, last: Tensor | None = None,
+        state: SSMState | None = None, last: Tensor | None = None, mamba: bool = False,
     ) -> tuple[Tensor, SSMState | None]:
         """Whole-sequence pass. u: [B, T, d] at positions pos: [T] (consecutive, shared by rows).
 
         state: the decode state before pos[0] (None: fresh). last: [B] index of each row's last
         valid token; when given, the state after it is returned for decoding.
+        mamba: run mamba-ssm's CUDA/Triton kernels instead (fresh sequences, no state returned).
         """
         bsz, T, _ = u.shape
         E, N, h, p, W = self.d_inner, self.d_state, self.n_heads, self.head_dim, self.conv_width
         z, xbc, dt = self._split(self.in_proj(u))
-        if state is None and last is None and mamba_cuda.available(u):
+        if mamba:
+            if state is not None or last is not None:
+                raise ValueError("the mamba-ssm path runs fresh sequences only (no state in or out)")
+            if not mamba_cuda.available(u):
+                raise ValueError(f"the mamba-ssm path is not available here: {mamba_cuda.describe()}")
             return self._forward_mamba(z, xbc, dt, pos, chunk_size, offset), None
         ext_pos = torch.arange(-(W - 1), T, device=u.device) + pos[0]  # history positions, then pos
         cid = chunk_ids(ext_pos, chunk_size, offset)

@@ -9,8 +9,8 @@ import sys
 COMMANDS = {
     "serve": ("server.serve", "run the OpenAI-compatible HTTP server"),
     "generate": ("server.generate", "stream one completion to stdout"),
-    "train": ("models.train", "train a model from a config file (resumable)"),
-    "eval-ppl": ("models.evaluate", "WikiText-2 perplexity as JSON"),
+    "train": ("training.train", "train a model from a config file (resumable)"),
+    "eval-ppl": ("training.evaluate", "WikiText-2 perplexity as JSON"),
     "bench": ("benchmarks.cli", "throughput / memory / latency benchmarks as JSON"),
     "convert-gguf": ("models.gguf", "a GGUF Llama model (e.g. SmolLM2) to a checkpoint directory"),
 }

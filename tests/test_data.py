@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import data
-from models.data import DataError
 from models.tokenizer import Tokenizer, train_tokenizer
+from training import data
+from training.data import DataError
 
 FAKE_TEXT = {split: f" \n = {split.title()} = \n \n Text of the {split} split , ünïcode – 1 @,@ 000 . \n" for split in data.SPLITS}
 

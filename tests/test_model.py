@@ -232,6 +232,16 @@ def test_mamba_cuda_path_matches_pytorch() -> None:
     ssm.reset_parameters()
     u, pos = torch.randn(2, 300, 64, device="cuda"), torch.arange(300, device="cuda")
     with torch.no_grad():
-        fast, _ = ssm(u, pos, 8, 3)  # mamba-ssm kernels
-        ref, _ = ssm(u, pos, 8, 3, None, torch.tensor([299, 299], device="cuda"))  # our path (state requested)
+        fast, _ = ssm(u, pos, 8, 3, mamba=True)  # mamba-ssm kernels
+        ref, _ = ssm(u, pos, 8, 3)  # our path
     torch.testing.assert_close(fast, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_mamba_path_is_an_explicit_option() -> None:
+    """The mamba-ssm kernels run only when asked for, and asking where they cannot run is an error."""
+    model = build_model(tiny("attamba"), seed=0)
+    ids = torch.randint(0, 61, (1, 12))
+    with pytest.raises(ValueError, match="mamba-ssm"):
+        model(ids, mamba=True)
+    with pytest.raises(ValueError, match="fresh sequences"):
+        model.blocks[0].attn.ssm_k(torch.randn(1, 4, 32), torch.arange(4), 4, 0, None, torch.tensor([3]), mamba=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model, load_model
-from models.evaluate import evaluate_ppl
+from training.evaluate import evaluate_ppl
 from models.tokenizer import Tokenizer, train_tokenizer
-from models.train import TrainConfig, lr_at
+from training.train import TrainConfig, lr_at
 from server.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import SPLITS, encode_corpus, eval_windows, read_split, word_count
-from .lm import LM
-from .loading import load_model
-from .registry import resolve_model
-from .tokenizer import Tokenizer
+from models.lm import LM
+from models.loading import load_model
+from models.registry import resolve_model
+from models.tokenizer import Tokenizer
 
 
 @torch.no_grad()

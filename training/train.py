@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import ModelConfig
+from models.config import ModelConfig
 from .data import batches, cache_dir, encode_corpus, read_split
 from .evaluate import evaluate_ppl
-from .lm import LM, build_model
-from .loading import save_checkpoint
-from .tokenizer import Tokenizer
+from models.lm import LM, build_model
+from models.loading import save_checkpoint
+from models.tokenizer import Tokenizer
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
