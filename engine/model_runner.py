@@ -8,7 +8,8 @@ Pools (L layers, Hkv x D cached heads, S state slots, W ring entries):
   conv            [L, 2, S, E + 2N, conv_width - 1]    their conv histories
 Sequences carry only block tables and a slot index. A decode step builds one DecodeMetadata
 (models/paged.py) and runs `LM.decode`, whose fused ops (kernels/) update the pools in place.
-Prefill chunks run one sequence at a time through `LM.extend` (the reference path).
+The prefill chunks of a step run in one `LM.extend` (rows right-padded, each at its own start);
+only their attention over each sequence's cached context is per sequence.
 """
 from __future__ import annotations
 
@@ -52,69 +53,90 @@ class ModelRunner:
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    # ---- prefill (one sequence, a chunk of its uncomputed tokens) ----------------------------------------
-    def _ssm_states(self, slot: int) -> list[LayerSSMState]:
-        return [LayerSSMState(SSMState(self.conv[l, 0, slot][None], self.ssm[l, 0, slot][None]),
-                              SSMState(self.conv[l, 1, slot][None], self.ssm[l, 1, slot][None]))
+    # ---- prefill (chunks of several sequences, one forward) --------------------------------------------
+    def _ssm_states(self, slots: Tensor, fresh: Tensor) -> list[LayerSSMState]:
+        """Each row's SSM and conv states, zero for rows that start a sequence (their slot may hold
+        a previous sequence's)."""
+        keep = (~fresh).view(-1, 1, 1)
+        return [LayerSSMState(*(SSMState(self.conv[l, j, slots] * keep.to(self.conv.dtype), self.ssm[l, j, slots] * keep[..., None])
+                                for j in (0, 1)))
                 for l in range(self.cfg.n_layers)]
 
-    def _store_ssm(self, slot: int, states: list[LayerSSMState]) -> None:
+    def _store_ssm(self, slots: Tensor, states: list[LayerSSMState]) -> None:
         for l, st in enumerate(states):
             for j, s in enumerate((st.k, st.v)):
-                self.conv[l, j, slot] = s.conv[0]
-                self.ssm[l, j, slot] = s.ssm[0]
+                self.conv[l, j].index_copy_(0, slots, s.conv.to(self.conv.dtype))
+                self.ssm[l, j].index_copy_(0, slots, s.ssm)
 
     @torch.no_grad()
-    def prefill(self, seq: Sequence, n: int, want_logits: bool) -> Tensor | None:
-        """Compute tokens [num_computed, num_computed + n) of seq; logits [V] of the last if wanted."""
-        p0, dev = seq.num_computed, self.device
-        ids = torch.tensor([seq.token_ids(p0, p0 + n)], dtype=torch.long, device=dev)
-        table = self._tables([seq])[0]
-        W = self.spec.window_slots
-        if W and p0 == 0:
-            self.win_pos[seq.slot] = -1  # the slot may hold a previous sequence's ring
-        ctx_win_pos = self.win_pos[seq.slot].clone() if W else None
+    def prefill(self, work: list[tuple[Sequence, int]]) -> Tensor:
+        """Compute tokens [num_computed, num_computed + n) of every (seq, n) in one forward, rows
+        right-padded to the longest chunk. Returns the logits [B, V] at each row's last token."""
+        dev, W = self.device, self.spec.window_slots
+        T = max(n for _, n in work)
+        ids = torch.zeros(len(work), T, dtype=torch.long, device=dev)
+        for b, (seq, n) in enumerate(work):
+            ids[b, :n] = torch.tensor(seq.token_ids(seq.num_computed, seq.num_computed + n), device=dev)
+        starts = torch.tensor([seq.num_computed for seq, _ in work], device=dev)
+        last = torch.tensor([n - 1 for _, n in work], device=dev)
+        slots = torch.tensor([seq.slot for seq, _ in work], device=dev)
+        if W:
+            self.win_pos[slots[starts == 0]] = -1  # a slot may hold a previous sequence's ring
+        ctx_win_pos = self.win_pos[slots].clone() if W else None
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+            out = torch.zeros_like(q)
+            for b, (seq, n) in enumerate(work):  # each row attends over its own cached context
+                out[b : b + 1, :n] = self._attend_chunk(layer, seq, q[b : b + 1, :n], k[b : b + 1, :n],
+                                                        v[b : b + 1, :n], pos[b, :n], ctx_win_pos[b] if W else None)
+            return out
+
+        states = self._ssm_states(slots, starts == 0) if self.cfg.has_ssm and bool((starts > 0).any()) else None
+        hidden, new_states = self.model.extend(ids, starts, states, last, attend)
+        if new_states is not None:
+            self._store_ssm(slots, new_states)
+        for seq, n in work:
+            if W:
+                p0 = seq.num_computed
+                recent = torch.arange(max(p0, p0 + n - W), p0 + n, device=dev)
+                self.win_pos[seq.slot, recent % W] = recent
+        return self.model.logits(hidden[torch.arange(len(work), device=dev), last])
+
+    def _attend_chunk(self, layer: int, seq: Sequence, q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
+                      ctx_win_pos: Tensor | None) -> Tensor:
+        """One sequence's chunk q, k, v [1, n, *, D] at positions pos [n]: attend over its cached
+        boundary entries and ring plus the chunk itself, then store the chunk's K/V."""
+        spec, cache, dev = self.model.blocks[layer].attn.spec, self.caches[layer], self.device
+        W, p0, n = spec.window_slots, int(pos[0]), len(pos)
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
 
         def flat(entry: Tensor) -> Tensor:  # boundary entry numbers -> flat pool rows
             return table[entry // self.block_size] * self.block_size + entry % self.block_size
 
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-            spec, cache = self.model.blocks[layer].attn.spec, self.caches[layer]
-            k_flat, v_flat = cache.k.flatten(0, 1), cache.v.flatten(0, 1)
-            all_pos = torch.arange(p0 + n, device=dev)
-            bnd = spec.is_boundary(all_pos)
-            ctx_pos = all_pos[:p0][bnd[:p0]]
-            old = flat(torch.arange(len(ctx_pos), device=dev))
-            keys, vals = [k_flat[old][None]], [v_flat[old][None]]
-            kpos, kbnd = [ctx_pos], [torch.ones_like(ctx_pos, dtype=torch.bool)]
-            if W and p0:
-                keep = (ctx_win_pos >= 0) & ~spec.is_boundary(ctx_win_pos)  # boundaries are read from the blocks
-                keys.append(cache.win_k[seq.slot, keep][None])
-                vals.append(cache.win_v[seq.slot, keep][None])
-                kpos.append(ctx_win_pos[keep])
-                kbnd.append(torch.zeros(int(keep.sum()), dtype=torch.bool, device=dev))
-            keys.append(k), vals.append(v), kpos.append(pos), kbnd.append(bnd[p0:])
-            out = block_attention(q, torch.cat(keys, 1), torch.cat(vals, 1), pos, torch.cat(kpos), torch.cat(kbnd),
-                                  spec.window)
-            # store the new boundary entries and the newest W positions
-            new_bnd = bnd[p0:]
-            dst = flat(len(ctx_pos) + torch.arange(int(new_bnd.sum()), device=dev))
-            k_flat[dst] = k[0, new_bnd].to(k_flat.dtype)
-            v_flat[dst] = v[0, new_bnd].to(v_flat.dtype)
-            if W:
-                last = pos[-W:]
-                cache.win_k[seq.slot, last % W] = k[0, -W:].to(cache.win_k.dtype)
-                cache.win_v[seq.slot, last % W] = v[0, -W:].to(cache.win_v.dtype)
-            return out
-
-        states = self._ssm_states(seq.slot) if self.cfg.has_ssm and p0 > 0 else None
-        hidden, new_states = self.model.extend(ids, p0, states, torch.tensor([n - 1], device=dev), attend)
-        if new_states is not None:
-            self._store_ssm(seq.slot, new_states)
+        all_pos = torch.arange(p0 + n, device=dev)
+        bnd = spec.is_boundary(all_pos)
+        ctx_pos = all_pos[:p0][bnd[:p0]]
+        old = flat(torch.arange(len(ctx_pos), device=dev))
+        keys, vals = [cache.k_flat[old][None]], [cache.v_flat[old][None]]
+        kpos, kbnd = [ctx_pos], [torch.ones_like(ctx_pos, dtype=torch.bool)]
+        if W and p0:
+            keep = (ctx_win_pos >= 0) & ~spec.is_boundary(ctx_win_pos)  # boundaries are read from the blocks
+            keys.append(cache.win_k[seq.slot, keep][None])
+            vals.append(cache.win_v[seq.slot, keep][None])
+            kpos.append(ctx_win_pos[keep])
+            kbnd.append(torch.zeros(int(keep.sum()), dtype=torch.bool, device=dev))
+        keys.append(k), vals.append(v), kpos.append(pos), kbnd.append(bnd[p0:])
+        out = block_attention(q, torch.cat(keys, 1), torch.cat(vals, 1), pos, torch.cat(kpos), torch.cat(kbnd),
+                              spec.window)
+        new_bnd = bnd[p0:]  # store the new boundary entries and the newest W positions
+        dst = flat(len(ctx_pos) + torch.arange(int(new_bnd.sum()), device=dev))
+        cache.k_flat[dst] = k[0, new_bnd].to(cache.k_flat.dtype)
+        cache.v_flat[dst] = v[0, new_bnd].to(cache.v_flat.dtype)
         if W:
-            last = torch.arange(max(p0, p0 + n - W), p0 + n, device=dev)
-            self.win_pos[seq.slot, last % W] = last
-        return self.model.logits(hidden[0, -1]) if want_logits else None
+            recent = pos[-W:]
+            cache.win_k[seq.slot, recent % W] = k[0, -W:].to(cache.win_k.dtype)
+            cache.win_v[seq.slot, recent % W] = v[0, -W:].to(cache.win_v.dtype)
+        return out
 
     # ---- one scheduled batch ---------------------------------------------------------------------------
     def run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:
@@ -122,19 +144,17 @@ class ModelRunner:
         (decodes, and prefills that reach the end of their tokens) and their logits [n, V]."""
         # one new token after cached ones is a decode; everything else is a prefill chunk
         decodes = [seq for seq, n in work if n == 1 and seq.num_computed > 0]
+        prefills = [(seq, n) for seq, n in work if not (n == 1 and seq.num_computed > 0)]
         seqs, logits = [], []
-        for seq, n in work:
-            if n == 1 and seq.num_computed > 0:
-                continue
-            done = seq.num_computed + n == seq.num_tokens
-            row = self.prefill(seq, n, want_logits=done)
-            if done:
-                seqs.append(seq)
-                logits.append(row[None])
+        if prefills:
+            rows = self.prefill(prefills)
+            done = [b for b, (seq, n) in enumerate(prefills) if seq.num_computed + n == seq.num_tokens]
+            seqs += [prefills[b][0] for b in done]
+            logits.append(rows[done])
         if decodes:
             seqs += decodes
             logits.append(self.decode(decodes))
-        return seqs, (torch.cat(logits) if logits else None)
+        return seqs, (torch.cat(logits) if seqs else None)
 
     # ---- decode (a batch of sequences, one token each) ---------------------------------------------------
     @torch.no_grad()

@@ -138,7 +138,7 @@ class Attention(nn.Module):
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
-        """u: [B, T, d] at shared positions pos [T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied).
+        """u: [B, T, d] at positions pos [T] or [B, T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied).
         mamba: the SSMs run mamba-ssm's kernels (see ChunkSSM.forward)."""
         theta = self.cfg.rope_theta
         q = self._heads(self.wq(u))
@@ -245,16 +245,20 @@ class LM(nn.Module):
         return self.logits(x)
 
     def extend(
-        self, input_ids: Tensor, start: int, states: list[LayerSSMState] | None, last: Tensor | None, attend: AttendFn,
-        mamba: bool = False,
+        self, input_ids: Tensor, start: int | Tensor, states: list[LayerSSMState] | None, last: Tensor | None,
+        attend: AttendFn, mamba: bool = False,
     ) -> tuple[Tensor, list[LayerSSMState] | None]:
-        """Run tokens at positions start..start+T-1 for every row (right padding allowed).
+        """Run tokens at positions start..start+T-1 (right padding allowed): one start for every
+        row (positions [T]), or one per row (start [B], positions [B, T]: prefill chunks of several
+        sequences in one forward).
 
-        states: per-layer SSM states after `start` tokens (None when start == 0 or no SSM).
-        last: [B] index of each row's last real token; when given, the SSM states after it are
-        returned. Returns the final hidden states [B, T, d] and the new SSM states.
+        states: per-layer SSM states after `start` tokens (None when nothing precedes; rows that
+        start at 0 ignore theirs). last: [B] index of each row's last real token; when given, the
+        SSM states after it are returned. Returns the final hidden states [B, T, d] and the new
+        SSM states.
         """
-        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        pos = pos + (start[:, None] if isinstance(start, Tensor) else start)
         x = self.embed(input_ids)
         new_states = []
         for i, blk in enumerate(self.blocks):

@@ -46,7 +46,7 @@ def _shift(x: Tensor, j: int) -> Tensor:
 def causal_conv_reset(xh: Tensor, weight: Tensor, cid: Tensor) -> Tensor:
     """Depthwise causal conv that sees only inputs of the output position's own chunk.
 
-    xh: [B, W-1+T, C] (history then new inputs), weight: [C, W], cid: [W-1+T] chunk ids.
+    xh: [B, W-1+T, C] (history then new inputs), weight: [C, W], cid: [W-1+T] or [B, W-1+T] chunk ids.
     Returns [B, T, C].
     """
     width = weight.shape[1]
@@ -54,7 +54,7 @@ def causal_conv_reset(xh: Tensor, weight: Tensor, cid: Tensor) -> Tensor:
     weight = weight.to(xh.dtype)
     out = xh[:, width - 1 :] * weight[:, width - 1]
     for k in range(width - 1):  # tap k reads input t - (W-1-k), if it is in t's chunk
-        same = (cid[k : k + T] == cid[width - 1 :]).to(xh.dtype)[:, None]
+        same = (cid[..., k : k + T] == cid[..., width - 1 :]).to(xh.dtype)[..., None]
         out = out + xh[:, k : k + T] * weight[:, k] * same
     return out
 
@@ -66,8 +66,8 @@ def ssd_banded(
     """SSD with per-chunk resets as a band of width P (no D skip).
 
     x: [B, T, h, p], dt: [B, T, h] (after softplus), A: [h] (negative), Bm, Cm: [B, T, N],
-    cid: [T] chunk ids. init_state [B, h, p, N] feeds positions with cont[t] True (the chunk
-    the previous call ended in). last: [B] index of each row's last valid token; when given,
+    cid: [T] or [B, T] chunk ids. init_state [B, h, p, N] feeds positions with cont [T] or [B, T]
+    True (the chunk the previous call ended in). last: [B] index of each row's last valid token; when given,
     the state after that token is returned too.
     Returns y [B, T, h, p] and the final state [B, h, p, N] (or None).
 
@@ -77,22 +77,23 @@ def ssd_banded(
     bsz, T, h, p = x.shape
     dA = dt * A  # [B, T, h]
     rows = torch.arange(bsz, device=x.device)
+    cid = cid.expand(bsz, T)
     y = torch.zeros_like(x)
     seg = torch.zeros_like(dA)  # log-decay from source t - j to t
     final = x.new_zeros(bsz, h, p, Bm.shape[-1]) if last is not None else None
     for j in range(min(chunk_size, T)):
         if j:
             seg = seg + _shift(dA, j - 1)
-        same = torch.zeros(T, dtype=x.dtype, device=x.device)
-        same[j:] = (cid[j:] == cid[: T - j]).to(x.dtype)
+        same = torch.zeros(bsz, T, dtype=x.dtype, device=x.device)
+        same[:, j:] = (cid[:, j:] == cid[:, : T - j]).to(x.dtype)
         xj, Bj, dtj = _shift(x, j), _shift(Bm, j), _shift(dt, j)
-        w = (Cm * Bj).sum(-1)[..., None] * torch.exp(seg) * dtj * same[:, None]  # [B, T, h]
+        w = (Cm * Bj).sum(-1)[..., None] * torch.exp(seg) * dtj * same[..., None]  # [B, T, h]
         y = y + w[..., None] * xj
         if last is not None:
-            wl = torch.exp(seg[rows, last]) * dtj[rows, last] * same[last][:, None]  # [B, h]
+            wl = torch.exp(seg[rows, last]) * dtj[rows, last] * same[rows, last][:, None]  # [B, h]
             final = final + (wl[..., None] * xj[rows, last])[..., None] * Bj[rows, last][:, None, None, :]
     if init_state is not None:
-        decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype)[None, :, None]  # [B, T, h]
+        decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype).expand(bsz, T)[..., None]  # [B, T, h]
         y = y + torch.einsum("bhpn,btn->bthp", init_state, Cm) * decay0[..., None]
         if last is not None:
             final = final + init_state * (decay0[rows, last])[:, :, None, None]
@@ -157,9 +158,11 @@ class ChunkSSM(nn.Module):
         self, u: Tensor, pos: Tensor, chunk_size: int, offset: int,
         state: SSMState | None = None, last: Tensor | None = None, mamba: bool = False,
     ) -> tuple[Tensor, SSMState | None]:
-        """Whole-sequence pass. u: [B, T, d] at positions pos: [T] (consecutive, shared by rows).
+        """Whole-sequence pass. u: [B, T, d] at consecutive positions pos: [T] (shared by the rows)
+        or [B, T] (each row its own run, e.g. prefill chunks of several sequences).
 
-        state: the decode state before pos[0] (None: fresh). last: [B] index of each row's last
+        state: the decode state before each row's first position (rows starting at 0 ignore it:
+        nothing before a sequence's start is in its chunk). last: [B] index of each row's last
         valid token; when given, the state after it is returned for decoding.
         mamba: run mamba-ssm's CUDA/Triton kernels instead (fresh sequences, no state returned).
         """
@@ -172,8 +175,9 @@ class ChunkSSM(nn.Module):
             if not mamba_cuda.available(u):
                 raise ValueError(f"the mamba-ssm path is not available here: {mamba_cuda.describe()}")
             return self._forward_mamba(z, xbc, dt, pos, chunk_size, offset), None
-        ext_pos = torch.arange(-(W - 1), T, device=u.device) + pos[0]  # history positions, then pos
-        cid = chunk_ids(ext_pos, chunk_size, offset)
+        start = pos[..., :1] if pos.dim() == 2 else pos[:1]
+        ext_pos = torch.arange(-(W - 1), T, device=u.device) + start  # history positions, then pos
+        cid = chunk_ids(ext_pos, chunk_size, offset)  # [W-1+T] or [B, W-1+T]; negative positions: unique ids
         hist = state.conv.transpose(1, 2).to(xbc.dtype) if state is not None else xbc.new_zeros(bsz, W - 1, xbc.shape[-1])
         xh = torch.cat([hist, xbc], 1)  # [B, W-1+T, C]
         xbc = F.silu(causal_conv_reset(xh, self.conv_weight, cid))
@@ -181,11 +185,11 @@ class ChunkSSM(nn.Module):
         dt = F.softplus(dt.float())  # [B, T, h]
         A = -torch.exp(self.A_log.float())
         cont = None
-        if state is not None and pos[0] > 0:
-            cont = cid[W - 1 :] == cid[W - 2]  # still in the chunk the previous call ended in
+        if state is not None:
+            cont = cid[..., W - 1 :] == cid[..., W - 2 : W - 1]  # still in the chunk the previous call ended in
         x = xs.float().view(bsz, T, h, p)
         y, final = ssd_banded(
-            x, dt, A, Bm.float(), Cm.float(), cid[W - 1 :], chunk_size,
+            x, dt, A, Bm.float(), Cm.float(), cid[..., W - 1 :], chunk_size,
             init_state=state.ssm if cont is not None else None, cont=cont, last=last,
         )
         y = (y + x * self.D.float()[:, None]).reshape(bsz, T, E).to(u.dtype)
@@ -193,7 +197,9 @@ class ChunkSSM(nn.Module):
         if last is not None:
             idx = last[:, None] + torch.arange(W - 1, device=u.device) + 1  # ext index of the last W-1 tokens
             conv = torch.gather(xh, 1, idx[..., None].expand(-1, -1, xh.shape[-1]))  # [B, W-1, C]
-            conv = conv * (cid[idx] == cid[last + W - 1][:, None]).to(conv.dtype)[..., None]  # own chunk only
+            cid = cid.expand(bsz, -1)
+            own = torch.gather(cid, 1, idx) == torch.gather(cid, 1, last[:, None] + W - 1)  # own chunk only
+            conv = conv * own.to(conv.dtype)[..., None]
             conv = conv.transpose(1, 2)
             new_state = SSMState(conv=conv.contiguous(), ssm=final)
         return self._output(y, z), new_state

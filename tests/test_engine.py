@@ -182,3 +182,16 @@ def test_max_model_len_is_fitted_to_the_cache_at_start_up(tiny_ckpt) -> None:
     with pytest.raises(ContextLengthExceeded):
         engine.add_request("b", [5] * engine.max_model_len, SamplingParams(max_tokens=1))
     assert LLMEngine(EngineArgs(max_model_len=engine.max_model_len, **small)).max_model_len == engine.max_model_len
+
+
+def test_prefill_chunks_of_several_sequences_run_in_one_forward(tiny_ckpt, monkeypatch) -> None:
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), max_num_batched_tokens=20, block_size=2))
+    calls = []
+    extend = engine.model.extend
+    monkeypatch.setattr(engine.model, "extend", lambda ids, start, *a, **k: calls.append(ids.shape) or extend(ids, start, *a, **k))
+    for i, n in enumerate((9, 4, 13)):
+        engine.add_request(f"r{i}", list(range(5, 5 + n)), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()  # 9 + 4 + the first 7 of 13: one forward of 3 right-padded rows
+    assert calls == [(3, 9)]
+    engine.step()  # two decodes and the last 6 prompt tokens, a continuing chunk
+    assert calls[1:] == [(1, 6)]
