@@ -18,6 +18,14 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _dtypes(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in ("float32", "bfloat16", "float16")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected dtypes among float32,bfloat16,float16, got {text!r}")
+    return names
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="suite", required=True)
     m = sub.add_parser("model", help="forward tokens/s, step latency and cache bytes: attamba vs transformer")
@@ -31,14 +39,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--capacity-contexts", type=_ints, default=[1024, 4096, 16384])
     e.add_argument("--budget", type=parse_bytes, default=parse_bytes("1GiB"), help="cache budget for capacity")
     e.add_argument("--steps", type=int, default=8)
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--dtypes", type=_dtypes, default=["float32", "bfloat16"], help="engine dtypes (default: %(default)s)")
+    e.add_argument("--thread-counts", type=_ints, default=[1, 2], help="torch threads, each a pass (default: %(default)s)")
     e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers reference")
+    e.add_argument("--llamacpp", action="store_true",
+                   help="also llama.cpp (llama-cpp-python, f16 GGUF of a Llama of the same dims) at batch 1")
     k = sub.add_parser("kernels", help="decode kernels on CUDA: time and bandwidth vs the refs and SDPA")
     from .kernel_bench import configure as configure_kernels
 
     configure_kernels(k, _ints)
+    m.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     for p in (m, e):
-        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         p.add_argument("--out", type=Path, default=Path("bench-results"),
                        help="directory for the JSON and the plot (default: %(default)s; docs/ holds the shipped "
                             "results, refresh them with --out docs)")
@@ -50,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from .kernel_bench import run as run_kernels
 
         return run_kernels(args)
-    if args.threads:
+    if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.suite == "model":
@@ -61,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         from .engine_bench import bench_engine, plot_engine
 
         result = bench_engine(args.batches, args.contexts, args.capacity_contexts, args.budget, args.steps,
-                              args.dtype, hf=not args.no_hf)
+                              args.dtypes, args.thread_counts, hf=not args.no_hf, llamacpp=args.llamacpp)
         if not args.no_plot:
             plot_engine(result, args.out / "bench-engine.png")
     (args.out / f"bench-{args.suite}.json").write_text(json.dumps(result, indent=2) + "\n")

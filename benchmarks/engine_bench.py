@@ -18,7 +18,9 @@ import torch
 from engine import EngineArgs, LLMEngine, SamplingParams
 from engine.cache_manager import CacheLayout, CacheManager
 from engine.sequence import Sequence, SeqStatus
-from models import build_model, full_kv_bytes, save_checkpoint, state_bytes
+from engine.config import DTYPES
+from models import build_model, save_checkpoint
+from models.kv_spec import CacheSpec
 from models.tokenizer import Tokenizer, train_tokenizer
 
 from .model_bench import paper_config
@@ -69,18 +71,38 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
             engine.runner.win_pos[seq.slot, pos % W] = pos
 
 
-def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
-    """Decode tokens/s of this engine at a batch and context."""
+def _engine(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> LLMEngine:
+    """An engine holding `batch` running sequences of `ctx` cached tokens, warmed up by one step."""
     layout = CacheLayout.for_model(paper_config(path.name), 16, EngineArgs(dtype=dtype).torch_dtype)
     per_seq = layout.slot_bytes + (layout.blocks(ctx + steps + 1) + 1) * layout.block_bytes
     engine = LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
-                                  cache_memory=batch * per_seq, max_model_len=ctx + steps + 8, dtype=dtype))
+                                  cache_memory=batch * per_seq, max_model_len=ctx + steps + 8, dtype=dtype,
+                                  threads=torch.get_num_threads()))
     _fill(engine, batch, ctx, steps)
-    engine.step()  # warm-up
+    engine.step()
+    return engine
+
+
+def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
+    """Decode tokens/s of this engine at a batch and context."""
+    engine = _engine(path, batch, ctx, steps, dtype)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     return batch * steps / (time.perf_counter() - t0)
+
+
+def decode_step_ops(path: Path, ctx: int = 1024) -> dict:
+    """aten ops one batch-1 decode step dispatches (torch.profiler): every aten event, and the
+    top-level ones (those Python called, not the ops they decompose into)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _engine(path, 1, ctx, 4, "float32")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step()
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return {"aten_ops": len(ops), "top_level_aten_ops": len(top)}
 
 
 @torch.no_grad()
@@ -111,34 +133,70 @@ def hf_decode(batch: int, ctx: int, steps: int) -> float | None:
     return batch * steps / (time.perf_counter() - t0)
 
 
+def llamacpp_row(root: Path, ctx: int, steps: int, threads: int) -> float | None:
+    """Batch-1 decode tokens/s of llama.cpp (llama-cpp-python, f16 GGUF) on a Llama of the same dims."""
+    try:
+        from .llamacpp import llamacpp_decode, write_gguf
+    except ImportError:
+        return None
+    gguf = root / "llama-f16.gguf"
+    if not gguf.exists():
+        write_gguf(paper_config("transformer"), gguf, dtype="f16")
+    return llamacpp_decode(gguf, ctx, steps, threads)["decode_tokens_per_s"]
+
+
 def bench_engine(batches: list[int], contexts: list[int], capacity_contexts: list[int], budget: int, steps: int,
-                 dtype: str = "float32", hf: bool = True) -> dict:
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    result: dict = {"benchmark": "engine", "dims": paper_config("attamba").to_dict(), "dtype": dtype,
-                    "threads": torch.get_num_threads(), "budget_bytes": budget}
-    caps = {kind: capacity(kind, capacity_contexts, budget, torch_dtype) for kind in ("attamba", "transformer")}
+                 dtypes: list[str], threads: list[int], hf: bool = True, llamacpp: bool = False) -> dict:
+    """Capacity, cache bytes, aten ops per step, and decode tok/s of both kinds (each dtype) at
+    each thread count, next to HF transformers (and llama.cpp at batch 1) in the same run."""
+    fp = DTYPES[dtypes[0]]
+    result: dict = {"benchmark": "engine", "dims": paper_config("attamba").to_dict(), "dtypes": dtypes,
+                    "threads": threads, "budget_bytes": budget, "steps": steps, "machine": machine()}
+    caps = {kind: capacity(kind, capacity_contexts, budget, fp) for kind in ("attamba", "transformer")}
     result["capacity"] = {str(n): {k: caps[k][n] for k in caps} | {
         "ratio": round(caps["attamba"][n] / max(1, caps["transformer"][n]), 2)} for n in capacity_contexts}
     lengths = [256, 512, 1024, 2048, 4096, 8192, 16384]
-    result["cache_bytes_per_sequence"] = [
-        {"context": n, "attamba": state_bytes(paper_config("attamba"), n, torch_dtype),
-         "transformer": full_kv_bytes(paper_config("attamba"), n, torch_dtype)} for n in lengths]
+    spec = CacheSpec.from_config(paper_config("attamba"))
+    result["cache_bytes_per_sequence"] = [{"context": n, "attamba": spec.seq_bytes(n, fp),
+                                           "transformer": spec.full_kv_bytes(n, fp)} for n in lengths]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {kind: _checkpoint(Path(tmp), kind) for kind in ("attamba", "transformer")}
-        for ctx in contexts:
-            for b in batches:
-                row = {"context": ctx, "batch": b}
-                for kind, path in paths.items():
-                    row[kind] = round(engine_decode(path, b, ctx, steps, dtype), 1)
-                if hf:
-                    tps = hf_decode(b, ctx, steps)
-                    row["hf_transformers"] = None if tps is None else round(tps, 1)
-                row["attamba_vs_transformer"] = round(row["attamba"] / row["transformer"], 2)
-                rows.append(row)
-                print(row, flush=True)
+        result["decode_step_ops_1x1k"] = {kind: decode_step_ops(path) for kind, path in paths.items()}
+        print(result["decode_step_ops_1x1k"], flush=True)
+        for t in threads:
+            torch.set_num_threads(t)
+            for ctx in contexts:
+                for b in batches:
+                    row = {"threads": t, "context": ctx, "batch": b}
+                    for kind, path in paths.items():
+                        for dtype in dtypes:
+                            row[f"{kind}_{dtype}"] = round(engine_decode(path, b, ctx, steps, dtype), 1)
+                    if hf:
+                        tps = hf_decode(b, ctx, steps)
+                        row["hf_transformers"] = None if tps is None else round(tps, 1)
+                    if llamacpp and b == 1:
+                        tps = llamacpp_row(Path(tmp), ctx, 4 * steps, t)
+                        row["llamacpp_f16"] = None if tps is None else round(tps, 1)
+                    best = max(row[f"attamba_{d}"] for d in dtypes)
+                    row["attamba_best_vs_transformer"] = round(best / max(row[f"transformer_{d}"] for d in dtypes), 2)
+                    if row.get("hf_transformers"):
+                        row["attamba_best_vs_hf"] = round(best / row["hf_transformers"], 2)
+                    if row.get("llamacpp_f16"):
+                        row["attamba_best_vs_llamacpp"] = round(best / row["llamacpp_f16"], 2)
+                    rows.append(row)
+                    print(row, flush=True)
     result["decode_tokens_per_s"] = rows
     return result
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import os
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores_usable": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def plot_engine(result: dict, path: Path) -> None:
@@ -156,14 +214,14 @@ def plot_engine(result: dict, path: Path) -> None:
     ax1.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB per sequence",
             title="Cache per sequence")
     ax1.legend()
-    rows = result["decode_tokens_per_s"]
+    rows = [r for r in result["decode_tokens_per_s"] if r["threads"] == max(result["threads"])]
     labels = [f"{r['batch']}x{r['context']}" for r in rows]
-    kinds = [k for k in ("attamba", "transformer", "hf_transformers") if rows and rows[0].get(k) is not None]
+    kinds = [k for k in rows[0] if k.startswith(("attamba_float", "attamba_bfloat", "transformer_", "hf_"))] if rows else []
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         ax2.bar([x + i * width for x in range(len(rows))], [r[kind] for r in rows], width, label=kind)
     ax2.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(rows))], labels, rotation=30)
-    ax2.set(ylabel="decode tokens/s", title="Decode throughput (batch x context)")
+    ax2.set(ylabel="decode tokens/s", title=f"Decode throughput (batch x context), {max(result['threads'])} threads")
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
