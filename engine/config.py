@@ -113,6 +113,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="(default: %(default)s)")
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES),
                         help="weights and cached K/V (default: %(default)s)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run the decode step eagerly instead of replaying captured CUDA graphs")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="torch CPU threads (default: the cores this process may use)")
     parser.add_argument("--max-waiting", type=int, default=d.max_waiting,

@@ -1,6 +1,7 @@
 """The engine: requests in, one scheduled model step at a time, token deltas out."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 
+log = logging.getLogger("attamba.engine")
+
+
 class LLMEngine:
     """Owns the model runner, cache manager, scheduler and sampler; `step()` advances every request."""
 
@@ -43,6 +47,9 @@ class LLMEngine:
         self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs)
         self.max_model_len = fit_max_model_len(args.max_model_len, 8 * self.config.max_seq_len, self.cache.fits_alone)
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
+        if self.device.type == "cuda" and not args.enforce_eager:
+            if not self.runner.capture_graphs(self.max_model_len, min(args.max_num_seqs, self.cache.num_slots)):
+                log.warning("decode runs eagerly: CUDA graphs need the Triton kernels (install triton)")
         self.scheduler = Scheduler(self.cache, min(args.max_num_seqs, self.cache.num_slots), args.max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id

@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels._triton import use_triton
 from models.attention import block_attention
 from models.lm import LM, LayerSSMState
-from models.paged import LayerCache, build_decode_metadata
+from models.paged import DecodeMetadata, LayerCache, build_decode_metadata
 from models.ssm import SSMState
 
 from .cache_manager import CacheLayout
+from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .sequence import Sequence
 
 
@@ -44,6 +46,7 @@ class ModelRunner:
             hd = cfg.ssm_inner // cfg.ssm_heads
             self.ssm = torch.zeros(L, 2, S, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
             self.conv = torch.zeros(L, 2, S, cfg.conv_channels, cfg.conv_width - 1, **kv)
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)
                        for l in range(L)]
@@ -157,13 +160,26 @@ class ModelRunner:
         return seqs, (torch.cat(logits) if seqs else None)
 
     # ---- decode (a batch of sequences, one token each) ---------------------------------------------------
+    def _metadata(self, seqs: list[Sequence]) -> DecodeMetadata:
+        dev = self.device
+        pos = torch.tensor([s.num_computed for s in seqs], dtype=torch.long, device=dev)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
+        tables = self._tables(seqs) if seqs else torch.zeros(0, 1, dtype=torch.long, device=dev)
+        return build_decode_metadata(self.spec, pos, slots, tables, self.win_pos, self.block_size,
+                                     self.cfg.head_dim, self.cfg.rope_theta)
+
+    def capture_graphs(self, max_model_len: int, max_batch: int) -> bool:
+        """CUDA graphs of the decode step for batch sizes up to max_batch. Only the Triton kernels
+        can be captured (the PyTorch refs sync with the host): False when they do not run here."""
+        if not use_triton(self.k_pool):
+            return False
+        sizes = tuple(s for s in DEFAULT_SIZES if s < max_batch) + (max_batch,)
+        self.graphs = DecodeGraphs(self.model, self.caches, self._metadata([]), self.layout.blocks(max_model_len), sizes)
+        return True
+
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> Tensor:
         """Compute each sequence's last token at its position -> logits [B, V]."""
-        dev = self.device
-        tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
-        pos = torch.tensor([s.num_computed for s in seqs], dtype=torch.long, device=dev)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
-        meta = build_decode_metadata(self.spec, pos, slots, self._tables(seqs), self.win_pos, self.block_size,
-                                     self.cfg.head_dim, self.cfg.rope_theta)
-        return self.model.decode(tokens, meta, self.caches)
+        tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
+        meta = self._metadata(seqs)
+        return self.graphs(tokens, meta) if self.graphs else self.model.decode(tokens, meta, self.caches)

@@ -73,3 +73,24 @@ def build_decode_metadata(
     cos, sin = rope_tables(positions, head_dim, rope_theta)
     return DecodeMetadata(positions, slots, block_tables, spec.chunk_start(positions), bnd_store,
                           (before + is_bnd.long()) * live, win_store, win_mask, cos, sin)
+
+
+def _pad(t: Tensor, axis: int, size: int, fill) -> Tensor:
+    """t grown along `axis` to `size`, the new entries `fill`."""
+    shape = list(t.shape)
+    shape[axis] = size - shape[axis]
+    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], axis)
+
+
+def pad_decode_metadata(meta: DecodeMetadata, size: int, max_blocks: int) -> DecodeMetadata:
+    """meta for `size` rows and block tables `max_blocks` wide: the extra rows are padding rows
+    (slot -1: computed by every op, stored nowhere, attending to nothing), as a captured CUDA
+    graph of a fixed batch size needs."""
+    tables = _pad(meta.block_tables, 1, max_blocks, 0)
+    return DecodeMetadata(
+        positions=_pad(meta.positions, 0, size, 0), slots=_pad(meta.slots, 0, size, -1),
+        block_tables=_pad(tables, 0, size, 0), reset=_pad(meta.reset, 1, size, False),
+        bnd_store=_pad(meta.bnd_store, 1, size, -1), bnd_count=_pad(meta.bnd_count, 1, size, 0),
+        win_store=_pad(meta.win_store, 0, size, -1), win_mask=_pad(meta.win_mask, 1, size, False),
+        cos=_pad(meta.cos, 0, size, 1.0), sin=_pad(meta.sin, 0, size, 0.0),
+    )

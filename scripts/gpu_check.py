@@ -90,7 +90,8 @@ def _checkpoint(root: Path, kind: str, **overrides) -> Path:
 
 
 def part_engine_parity(out: Path) -> dict:
-    """fp32 greedy tokens must match exactly; bf16 reports the share of matching tokens."""
+    """Greedy tokens of the Triton kernels (eager, and replayed from CUDA graphs) against the PyTorch
+    path: fp32 must match exactly; bf16 reports the share of matching tokens."""
     need_cuda()
     import kernels
     from engine import LLM, SamplingParams
@@ -105,17 +106,21 @@ def part_engine_parity(out: Path) -> dict:
             path = _checkpoint(Path(tmp), kind, **overrides)
             for dtype in ("float32", "bfloat16"):
                 tokens = {}
-                for backend in ("torch", "triton"):
+                for backend, eager in (("torch", True), ("triton", True), ("triton", False)):
                     with kernels.backend(backend):
-                        llm = LLM(str(path), device="cuda", dtype=dtype, max_num_seqs=8, cache_memory=1 << 28)
-                        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                        llm = LLM(str(path), device="cuda", dtype=dtype, max_num_seqs=8, cache_memory=1 << 28,
+                                  enforce_eager=eager)
+                        name = backend + ("" if eager else "+graphs")
+                        tokens[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
                         del llm
-                same = sum(a == b for x, y in zip(tokens["torch"], tokens["triton"]) for a, b in zip(x, y))
-                total = sum(len(x) for x in tokens["torch"])
                 key = f"{kind}{'-gqa' if overrides.get('n_kv_heads') else ''}/{dtype}"
-                result[key] = {"identical": tokens["torch"] == tokens["triton"], "matching_tokens": f"{same}/{total}"}
-                if dtype == "float32" and tokens["torch"] != tokens["triton"]:
-                    failures.append(key)
+                total = sum(len(x) for x in tokens["torch"])
+                for name in ("triton", "triton+graphs"):
+                    same = sum(a == b for x, y in zip(tokens["torch"], tokens[name]) for a, b in zip(x, y))
+                    result[f"{key}/{name}"] = {"identical": tokens["torch"] == tokens[name],
+                                               "matching_tokens": f"{same}/{total}"}
+                    if dtype == "float32" and tokens["torch"] != tokens[name]:
+                        failures.append(f"{key}/{name}")
     if failures:
         raise RuntimeError(f"fp32 greedy tokens differ between kernels and PyTorch for {failures}: {result}")
     return result

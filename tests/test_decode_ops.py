@@ -114,3 +114,50 @@ def test_paged_decode_with_padding_row_equals_dense_decode(tmp_path, tokenizer_f
                 torch.testing.assert_close(got.softmax(-1), want.softmax(-1), atol=5e-3, rtol=0)
             s.num_computed += 1
             s.output_ids.append(int(got.argmax()))
+
+
+def test_padded_metadata_changes_no_live_row(tmp_path, tokenizer_file) -> None:
+    """What a captured CUDA graph runs: the batch padded with slot -1 rows and block tables
+    widened to the most a sequence can need gives the live rows the same logits and stores."""
+    from conftest import make_checkpoint
+    from models.paged import pad_decode_metadata
+
+    path = make_checkpoint(tmp_path, tokenizer_file, "attamba")
+    engines = [LLMEngine(EngineArgs(model=str(path), block_size=2)) for _ in range(2)]
+    for engine in engines:
+        for i, n in enumerate((5, 11)):
+            engine.add_request(f"r{i}", list(range(3, 3 + n)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        engine.step()
+    outs = []
+    for padded, engine in enumerate(engines):
+        runner = engine.runner
+        seqs = [engine.requests[f"r{i}"][0] for i in range(2)]
+        for s in seqs:
+            engine.cache.allocate(s, s.num_computed + 1)
+        tokens = torch.tensor([s.last_token for s in seqs])
+        meta = runner._metadata(seqs)
+        if padded:
+            meta = pad_decode_metadata(meta, 4, meta.block_tables.shape[1] + 3)
+            tokens = torch.cat([tokens, torch.tensor([7, 9])])
+        with torch.no_grad():
+            logits = runner.model.decode(tokens, meta, runner.caches)[:2]
+        outs.append((logits, runner.k_pool.clone(), runner.ssm.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_eager(tmp_path, tokenizer_file) -> None:
+    from conftest import make_checkpoint
+    from engine import LLM
+
+    path = make_checkpoint(tmp_path, tokenizer_file, "attamba")
+    prompts = [list(range(3, 3 + n)) for n in (1, 6, 17, 40, 3)]  # 5 rows: replayed from the graph of 8
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = []
+    for eager in (True, False):
+        llm = LLM(str(path), device="cuda", max_num_seqs=8, enforce_eager=eager)
+        assert (llm.engine.runner.graphs is None) == eager
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outs[0] == outs[1]
