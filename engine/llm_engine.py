@@ -9,7 +9,7 @@ import torch
 
 from models.config import ModelConfig
 from models.loading import load_model
-from models.registry import resolve_model
+from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
 from .cache_manager import CacheLayout, CacheManager
@@ -42,10 +42,10 @@ class LLMEngine:
         self.model = load_model(path, self.device, args.torch_dtype, **overrides)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-        self.model_name = path.resolve().name
+        self.model_name = args.model if args.model in NAMED_MODELS else path.resolve().name
         layout = CacheLayout.for_model(self.config, args.block_size, args.torch_dtype)
         self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs)
-        self.max_model_len = fit_max_model_len(args.max_model_len, 8 * self.config.max_seq_len, self.cache.fits_alone)
+        self.max_model_len = fit_max_model_len(args.max_model_len, self.config.default_max_model_len, self.cache.fits_alone)
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
         if self.device.type == "cuda" and not args.enforce_eager:
             if not self.runner.capture_graphs(self.max_model_len, min(args.max_num_seqs, self.cache.num_slots)):

@@ -39,6 +39,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 1024  # training length
+    context_length: int = 0  # longest context a pretrained model supports; 0: not stated
     sliding_window: int = 0  # W_len for kind "sliding"
     reduced_head_dim: int = 16
     bos_token_id: int | None = None
@@ -96,6 +97,11 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """Width of k and v (num_kv_heads * D): what the cache stores per token and layer."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def default_max_model_len(self) -> int:
+        """The engine's max_model_len unless set: the stated context, else 8x the training length."""
+        return self.context_length or 8 * self.max_seq_len
 
     @property
     def ffn_dim(self) -> int:

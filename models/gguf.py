@@ -94,6 +94,7 @@ def gguf_config(reader: GGUFReader) -> ModelConfig:
         rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
         norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
         max_seq_len=_field(reader, "llama.context_length"),
+        context_length=_field(reader, "llama.context_length"),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", None),
         chat_template=_field(reader, "tokenizer.chat_template", ""),

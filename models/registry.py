@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_ENV = "ATTAMBA_MODEL_CACHE"
+CONVERTER_VERSION = 2  # part of the cache path: a converter change converts named models anew
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def resolve_model(name_or_dir: str | Path) -> Path:
     """A checkpoint directory for `--model`: a named model (converted on first use) or a directory."""
     name = str(name_or_dir)
     if name in NAMED_MODELS:
-        out = cache_dir() / name
+        out = cache_dir() / f"{name}-v{CONVERTER_VERSION}"
         if not (out / "config.json").is_file():
             _convert_into(named_model_gguf(name), out)
         return out

@@ -213,10 +213,10 @@ def test_named_model_converts_once_into_the_cache(tmp_path: Path, tiny_gguf, mon
     monkeypatch.setitem(registry.NAMED_MODELS, "tiny-gguf", registry.NamedModel("no-such-dist", "x.gguf", "x"))
     monkeypatch.setattr(registry, "named_model_gguf", lambda name: tiny_gguf[0])
     path = registry.resolve_model("tiny-gguf")
-    assert path == tmp_path / "cache" / "tiny-gguf" and (path / "config.json").is_file()
+    assert path == tmp_path / "cache" / f"tiny-gguf-v{registry.CONVERTER_VERSION}" and (path / "config.json").is_file()
     stamp = (path / WEIGHTS).stat().st_mtime_ns
     assert registry.resolve_model("tiny-gguf") == path and (path / WEIGHTS).stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny-gguf"]  # no temporary left behind
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"tiny-gguf-v{registry.CONVERTER_VERSION}"]  # no temporary left behind
 
 
 def test_named_model_without_its_wheel_and_unknown_dirs_are_one_line_errors(monkeypatch) -> None:

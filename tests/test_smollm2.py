@@ -127,7 +127,7 @@ def test_greedy_engine_equals_generate(smol_dir: Path, tok: Tokenizer, hf_model)
 
 
 def test_chat_completion_answers_sensibly(smol_dir: Path) -> None:
-    engine = AsyncEngine(EngineArgs(model=str(smol_dir), cache_memory=64 << 20, max_num_seqs=2))
+    engine = AsyncEngine(EngineArgs(model=NAME, cache_memory=64 << 20, max_num_seqs=2))  # the cache set by smol_dir
     engine.start()
     try:
         with serve_in_thread(create_app(engine)) as url:
