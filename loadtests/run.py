@@ -7,11 +7,15 @@ users and seconds, stop both, and leave the CSV and JSON reports in --out.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -41,6 +45,32 @@ def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def _rss_mib(pid: int) -> float:
+    """Resident memory of a process, from /proc."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def _sample_rss(pid: int, every_s: float, path: Path, stop: threading.Event) -> None:
+    """Write (seconds since start, RSS MiB) every `every_s` seconds until stopped."""
+    t0 = time.monotonic()
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["seconds", "rss_mib"])
+        while True:
+            out.writerow([round(time.monotonic() - t0, 1), round(_rss_mib(pid), 1)])
+            f.flush()
+            if stop.wait(every_s):
+                return
+
+
+def _metric(url: str, name: str) -> float:
+    """One unlabelled-or-summed sample of a Prometheus metric from /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=8, help="concurrent users (default: %(default)s)")
@@ -48,6 +78,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=30, help="how long locust runs (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--out", type=Path, default=Path("loadtest-results"), help="report directory (default: %(default)s)")
+    parser.add_argument("--rss-every", type=float, default=0.0,
+                        help="sample the server's resident memory every this many seconds into rss.csv (0: off)")
     parser.add_argument("--locust-args", default="", help="more locust arguments, one shell-quoted string")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then `attamba serve` arguments")
     args = parser.parse_args()
@@ -58,21 +90,34 @@ def main() -> int:
     with open(args.out / "server.log", "w") as server_log:
         server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
                                    str(port), *serve_args], stdout=server_log, stderr=subprocess.STDOUT)
+        stop = threading.Event()
         try:
             _wait_healthy(server, url, timeout_s=120)
+            if args.rss_every:
+                threading.Thread(target=_sample_rss, args=(server.pid, args.rss_every, args.out / "rss.csv", stop),
+                                 daemon=True).start()
             command = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
                        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.seconds}s",
                        "--host", url, "--csv", str(args.out / "locust"), "--json-file", str(args.out / "locust"),
                        "--only-summary", "--stop-timeout", "10", *shlex.split(args.locust_args)]
             status = subprocess.run(command, timeout=args.seconds + 120).returncode
+            time.sleep(2)  # the last streams end and free their cache
+            after = {name: _metric(url, name) for name in (
+                "attamba_cache_bytes_used", "attamba_num_requests_running", "attamba_num_requests_waiting")}
+            (args.out / "after.json").write_text(json.dumps(after, indent=2) + "\n")
+            if any(after.values()):
+                print(f"cache not empty after the load: {after}", file=sys.stderr)
+                status = status or 1
         finally:
+            stop.set()
             server.send_signal(signal.SIGTERM)
             try:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    print(f"reports in {args.out}/: locust_stats.csv, locust.json, server.log")
+    print(f"reports in {args.out}/: locust_stats.csv, locust.json, after.json, server.log"
+          + (", rss.csv" if args.rss_every else ""))
     return status
 
 
