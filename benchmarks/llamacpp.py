@@ -212,34 +212,52 @@ def llamacpp_logits(gguf_path: str | Path, ids: list[int], threads: int = 1) -> 
 
 
 def llamacpp_decode(gguf_path: str | Path, context: int, steps: int, threads: int, batch: int = 1) -> dict:
-    """Time llama.cpp on `batch` sequences of `context` random tokens, then `steps` greedy decode steps.
+    """llama.cpp's prefill tokens/s, TTFT and decode tokens/s (total over `batch` sequences) after `context` tokens.
 
-    The context (seeded random ids) is prefilled once as sequence 0 in chunks of 512 tokens, its wall time
-    giving prefill tokens/s and TTFT (prefill up to the first token's logits); for batch > 1 it is copied
-    into sequences 1..batch-1 (separate KV streams). One untimed decode step, then `steps` timed steps of one
-    token per sequence (all in one llama_decode, logits read and argmax'd each step). Decode tokens/s is the
-    total over the batch.
+    Returns {"context", "batch", "steps", "threads", "prefill_tokens_per_s", "ttft_s", "decode_tokens_per_s"};
+    see llamacpp_decode_batches for the method.
     """
-    if context < 1 or steps < 1 or threads < 1 or batch < 1:
-        raise ValueError("context, steps, threads and batch must be positive")
-    per_seq = context + steps + 8
-    with _Llama(gguf_path, n_ctx=batch * (-(-per_seq // 256) * 256), threads=threads, n_seq=batch) as llm:
+    return llamacpp_decode_batches(gguf_path, context, steps, threads, [batch])[0]
+
+
+def llamacpp_decode_batches(gguf_path: str | Path, context: int, steps: int, threads: int,
+                            batches: list[int]) -> list[dict]:
+    """llamacpp_decode at several batch sizes, prefilling the context once.
+
+    After a 32-token warm-up (then removed), the context (seeded random ids) is prefilled as sequence 0 in
+    chunks of 512 tokens; its wall time up to the first token's logits is the TTFT. The context is copied into
+    sequences 1..max(batches)-1 (one KV stream per sequence, so real copies). For each batch size b: one untimed
+    decode step, then `steps` timed steps of one token for each of sequences 0..b-1 (one llama_decode per step,
+    logits read and argmax'd), then the decoded tokens are removed again.
+    """
+    if context < 1 or steps < 1 or threads < 1 or not batches or min(batches) < 1:
+        raise ValueError("context, steps, threads and batch sizes must be positive")
+    n_seq = max(batches)
+    per_seq = -(-(context + steps + 8) // 256) * 256
+    with _Llama(gguf_path, n_ctx=n_seq * per_seq, threads=threads, n_seq=n_seq) as llm:
         ids = np.random.default_rng(0).integers(0, llm.n_vocab, context).tolist()
+        mem = llm.lib.llama_get_memory(llm.ctx)
+        llm.prefill(ids[:32])
+        llm.lib.llama_memory_seq_rm(mem, 0, -1, -1)
         t0 = time.perf_counter()
         llm.prefill(ids)
         first = int(llm.logits(1)[0].argmax())
         ttft = time.perf_counter() - t0
-        mem = llm.lib.llama_get_memory(llm.ctx)
-        for s in range(1, batch):
+        for s in range(1, n_seq):
             llm.lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
-        tokens, seqs = [first] * batch, list(range(batch))
-        t1 = None
-        for step in range(steps + 1):
-            if step == 1:
-                t1 = time.perf_counter()  # the first step (and the stream copies it triggers) is a warm-up
-            llm.decode(tokens, [context + step] * batch, seqs, [True] * batch)
-            tokens = llm.logits(batch).argmax(-1).tolist()
-        decode_s = time.perf_counter() - t1
-    return {"context": context, "batch": batch, "steps": steps, "threads": threads,
-            "prefill_tokens_per_s": round(context / ttft, 1), "ttft_s": round(ttft, 4),
-            "decode_tokens_per_s": round(batch * steps / decode_s, 2)}
+        results = []
+        for batch in batches:
+            tokens, seqs = [first] * batch, list(range(batch))
+            t1 = 0.0
+            for step in range(steps + 1):
+                if step == 1:
+                    t1 = time.perf_counter()  # the first step (and any stream copies it triggers) is a warm-up
+                llm.decode(tokens, [context + step] * batch, seqs, [True] * batch)
+                tokens = llm.logits(batch).argmax(-1).tolist()
+            decode_s = time.perf_counter() - t1
+            for s in seqs:
+                llm.lib.llama_memory_seq_rm(mem, s, context, -1)
+            results.append({"context": context, "batch": batch, "steps": steps, "threads": threads,
+                            "prefill_tokens_per_s": round(context / ttft, 1), "ttft_s": round(ttft, 4),
+                            "decode_tokens_per_s": round(batch * steps / decode_s, 2)})
+    return results
