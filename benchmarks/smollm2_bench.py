@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -217,6 +218,41 @@ def bench_smollm2(threads: int, batches: list[int], contexts: list[int], steps: 
     return result
 
 
+@torch.no_grad()
+def wikitext2_ppl(windows: int, seq_len: int, batch_size: int = 4) -> dict:
+    """Token perplexity of the first `windows` non-overlapping windows of the WikiText-2 test split.
+
+    The ids are `attamba eval-ppl`'s (its tokenizer, its windows: seq_len inputs, every token but the first a
+    target once) and this engine's model is scored by its evaluate_ids; transformers scores the same ids with
+    LlamaForCausalLM loaded from the original GGUF by transformers itself (`gguf_file=`, its own dequantization).
+    """
+    import transformers
+
+    from models.tokenizer import Tokenizer
+    from training.data import encode_corpus, eval_windows, read_split
+    from training.evaluate import evaluate_ids
+
+    model_dir = resolve_model(MODEL)
+    ids = encode_corpus(Tokenizer.from_file(model_dir / "tokenizer.json"), read_split("test"))
+    total = len(eval_windows(ids, seq_len))
+    ids = ids[: windows * seq_len + 1]
+    nll, tokens = evaluate_ids(load_model(model_dir), ids, seq_len, batch_size)
+    gguf = named_model_gguf(MODEL)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf_nll, hf_tokens = 0.0, 0
+    group = eval_windows(ids, seq_len)
+    for start in range(0, len(group), batch_size):
+        batch = torch.stack(group[start : start + batch_size])
+        logits = hf(batch[:, :-1]).logits
+        hf_nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        hf_tokens += batch[:, 1:].numel()
+    ours_ppl, hf_ppl = math.exp(nll / tokens), math.exp(hf_nll / hf_tokens)
+    return {"split": "test", "seq_len": seq_len, "windows": len(group), "windows_in_split": total,
+            "predicted_tokens": tokens, "ours_float32": {"nll": round(nll, 3), "token_ppl": round(ours_ppl, 4)},
+            "hf_float32": {"nll": round(hf_nll, 3), "token_ppl": round(hf_ppl, 4)},
+            "rel_diff": float(f"{abs(ours_ppl - hf_ppl) / hf_ppl:.2e}")}
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -236,6 +272,10 @@ def configure(parser: argparse.ArgumentParser, ints) -> None:
     parser.add_argument("--steps", type=_positive, default=5, help="timed decode steps per cell (after one warm-up)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp (llama-cpp-python)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face transformers")
+    parser.add_argument("--ppl-windows", type=int, default=0,
+                        help="also WikiText-2 test perplexity, ours vs transformers, on the first N windows (0: no)")
+    parser.add_argument("--ppl-seq-len", type=_positive, default=1024, help="perplexity window length")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed runs (with --ppl-windows)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for bench-smollm2.json (default: %(default)s; refresh docs/ with --out docs)")
 
@@ -243,16 +283,23 @@ def configure(parser: argparse.ArgumentParser, ints) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.batches or not args.contexts or min(args.batches + args.contexts) < 1:
         raise ValueError("--batches and --contexts need positive integers")
-    if not args.skip_llamacpp:
+    if not (args.skip_llamacpp or args.no_speed):
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise RuntimeError("llama.cpp needs llama-cpp-python (pip install llama-cpp-python), "
                                "or pass --skip-llamacpp") from None
+    if args.ppl_windows < 0 or (args.no_speed and not args.ppl_windows):
+        raise ValueError("--ppl-windows must be >= 0, and --no-speed needs --ppl-windows")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = bench_smollm2(args.threads, args.batches, args.contexts, args.steps, args.ttft_context,
-                           llamacpp=not args.skip_llamacpp, hf=not args.skip_hf)
-    (args.out / "bench-smollm2.json").write_text(json.dumps(result, indent=2) + "\n")
+    result: dict = {"benchmark": "smollm2", "model": MODEL, "machine": _machine(args.threads)}
+    if not args.no_speed:
+        result = bench_smollm2(args.threads, args.batches, args.contexts, args.steps, args.ttft_context,
+                               llamacpp=not args.skip_llamacpp, hf=not args.skip_hf)
+    if args.ppl_windows:
+        result["wikitext2_ppl"] = wikitext2_ppl(args.ppl_windows, args.ppl_seq_len)
+    name = "bench-smollm2.json" if not args.no_speed else "bench-smollm2-ppl.json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
