@@ -175,7 +175,7 @@ def bench_smollm2(threads: int, batches: list[int], contexts: list[int], steps: 
         stacks["hf_float32"] = {"max_abs_logit_diff_vs_ours_fp32": round(float(diff), 5)}
     del ours
     with tempfile.TemporaryDirectory() as tmp:
-        ggufs = {}
+        ggufs: dict[str, Path] = {}
         if llamacpp:
             from .llamacpp import llamacpp_decode, llamacpp_decode_batches, llamacpp_logits, write_gguf
 
@@ -220,7 +220,7 @@ def bench_smollm2(threads: int, batches: list[int], contexts: list[int], steps: 
 
 @torch.no_grad()
 def wikitext2_ppl(windows: int, seq_len: int, batch_size: int = 4) -> dict:
-    """Token perplexity of the first `windows` non-overlapping windows of the WikiText-2 test split.
+    """Token perplexity of the first `windows` (at most all full) non-overlapping windows of the WikiText-2 test split.
 
     The ids are `attamba eval-ppl`'s (its tokenizer, its windows: seq_len inputs, every token but the first a
     target once) and this engine's model is scored by its evaluate_ids; transformers scores the same ids with
@@ -235,7 +235,7 @@ def wikitext2_ppl(windows: int, seq_len: int, batch_size: int = 4) -> dict:
     model_dir = resolve_model(MODEL)
     ids = encode_corpus(Tokenizer.from_file(model_dir / "tokenizer.json"), read_split("test"))
     total = len(eval_windows(ids, seq_len))
-    ids = ids[: windows * seq_len + 1]
+    ids = ids[: min(windows, (ids.numel() - 1) // seq_len) * seq_len + 1]
     nll, tokens = evaluate_ids(load_model(model_dir), ids, seq_len, batch_size)
     gguf = named_model_gguf(MODEL)
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -244,7 +244,8 @@ def wikitext2_ppl(windows: int, seq_len: int, batch_size: int = 4) -> dict:
     for start in range(0, len(group), batch_size):
         batch = torch.stack(group[start : start + batch_size])
         logits = hf(batch[:, :-1]).logits
-        hf_nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        nll_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        hf_nll += float(nll_sum)
         hf_tokens += batch[:, 1:].numel()
     ours_ppl, hf_ppl = math.exp(nll / tokens), math.exp(hf_nll / hf_tokens)
     return {"split": "test", "seq_len": seq_len, "windows": len(group), "windows_in_split": total,

@@ -50,3 +50,16 @@ def test_rejects_other_kinds(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
         write_gguf(ModelConfig(kind="transformer", vocab_size=512, d_model=64, n_layers=1, n_heads=2),
                    tmp_path / "b.gguf", dtype="q4")
+
+
+def test_bench_smollm2_flags() -> None:
+    import argparse
+
+    from benchmarks import cli as bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.configure(parser)
+    args = parser.parse_args(["smollm2", "--threads", "1", "--batches", "1,8", "--skip-hf"])
+    assert (args.out, args.batches, args.contexts, args.skip_hf) == (Path("bench-results"), [1, 8], [1024, 4096], True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["smollm2", "--threads", "0"])
