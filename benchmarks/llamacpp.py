@@ -6,7 +6,10 @@
   tokenizer (a minimal byte-level BPE one, or the tokenizer of an existing GGUF via `vocab_from`).
 - `llamacpp_logits(path, ids)` the logits of every position of one sequence (to check a conversion).
 - `llamacpp_decode(path, context, steps, threads, batch)` prefill tok/s, TTFT and decode tok/s after
-  `context` tokens, flash attention on, through llama.cpp's C API (llama-cpp-python's low-level binding).
+  `context` tokens, flash attention on, through llama.cpp's C API (llama-cpp-python's low-level binding);
+  batch > 1 decodes parallel sequences (one KV stream each) in one llama_decode per step.
+  `llamacpp_decode_batches` does several batch sizes after one prefill.
+A GGUF's context_length is the model's max_seq_len; llama.cpp only warns when asked for more (RoPE is unscaled).
 """
 from __future__ import annotations
 
