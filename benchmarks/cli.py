@@ -1,4 +1,4 @@
-"""`attamba bench {model,engine,kernels}`: print JSON and write it (and a plot) to --out (default
+"""`attamba bench {model,engine,kernels,smollm2}`: print JSON and write it (and a plot) to --out (default
 bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from .kernel_bench import configure as configure_kernels
 
     configure_kernels(k, _ints)
+    s = sub.add_parser("smollm2", help="SmolLM2-135M: this engine vs HF transformers and llama.cpp (Q4_1, F16)")
+    from .smollm2_bench import configure as configure_smollm2
+
+    configure_smollm2(s, _ints)
     m.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     for p in (m, e):
         p.add_argument("--out", type=Path, default=Path("bench-results"),
@@ -61,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         from .kernel_bench import run as run_kernels
 
         return run_kernels(args)
+    if args.suite == "smollm2":
+        from .smollm2_bench import run as run_smollm2
+
+        return run_smollm2(args)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from engine import EngineArgs, LLMEngine, SamplingParams
 from engine.cache_manager import CacheLayout, CacheManager
 from engine.sequence import Sequence, SeqStatus
 from engine.config import DTYPES
-from models import build_model, save_checkpoint
+from models import ModelConfig, build_model, save_checkpoint
 from models.kv_spec import CacheSpec
 from models.tokenizer import Tokenizer, train_tokenizer
 
@@ -71,13 +71,19 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
             engine.runner.win_pos[seq.slot, pos % W] = pos
 
 
+def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int | None = None) -> LLMEngine:
+    """An engine whose cache holds exactly `batch` sequences of `tokens` tokens (plus a block each)."""
+    args = EngineArgs(dtype=dtype)
+    layout = CacheLayout.for_model(ModelConfig.load(path), args.block_size, args.torch_dtype)
+    per_seq = layout.slot_bytes + (layout.blocks(tokens) + 1) * layout.block_bytes
+    return LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
+                                cache_memory=batch * per_seq, max_model_len=tokens + 8, dtype=dtype,
+                                threads=threads or torch.get_num_threads()))
+
+
 def _engine(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> LLMEngine:
     """An engine holding `batch` running sequences of `ctx` cached tokens, warmed up by one step."""
-    layout = CacheLayout.for_model(paper_config(path.name), 16, EngineArgs(dtype=dtype).torch_dtype)
-    per_seq = layout.slot_bytes + (layout.blocks(ctx + steps + 1) + 1) * layout.block_bytes
-    engine = LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
-                                  cache_memory=batch * per_seq, max_model_len=ctx + steps + 8, dtype=dtype,
-                                  threads=torch.get_num_threads()))
+    engine = sized_engine(path, batch, ctx + steps + 1, dtype)
     _fill(engine, batch, ctx, steps)
     engine.step()
     return engine

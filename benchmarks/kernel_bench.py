@@ -82,7 +82,7 @@ def bench_attention(batch: int, context: int, dtype: torch.dtype, peak: float | 
     nbytes = read + 2 * B * H * D * elt  # + q and the output
     rows = [_row("decode_attention", batch, context, _time_us(lambda: kernels.decode_attention_triton(**inp)), nbytes,
                  peak, ref_time_us=round(_time_us(lambda: kernels.decode_attention_ref(**inp)), 2))]
-    del inp
+    inp.clear()  # free the kernel inputs before the full-KV tensors
     q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype)
     k = torch.randn(B, H, context, D, device="cuda", dtype=dtype)
     v = torch.randn_like(k)

@@ -105,7 +105,6 @@ def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
     Returns the logits [B, T, V] and the decode state after each row's last real token.
     reserve: boundary capacity to preallocate for that many future tokens (else grown exactly).
     """
-    cfg = model.config
     bsz, T = input_ids.shape
     dev = input_ids.device
     lengths = torch.full((bsz,), T, device=dev) if lengths is None else lengths.to(dev)

@@ -7,7 +7,6 @@ import torch
 
 from engine import EngineArgs, LLMEngine, SamplingParams
 from kernels import decode_attention_ref, ssm_step_ref, store_kv_ref
-from models import ModelConfig, build_model
 from models.attention import gathered_attention
 from models.ssm import ChunkSSM, SSMState
 
