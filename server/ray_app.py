@@ -47,7 +47,7 @@ from engine.config import EngineArgs, engine_args_from
 from models.registry import resolve_model
 from server.app import create_app
 from server.errors import APIError, error_event, error_response
-from server.scale_out import ScaleOut, scale_out_from
+from server.scale_out import ScaleOut, flags_from, scale_out_from
 from server.serving import Serving
 from server.sse import DONE
 
@@ -365,12 +365,7 @@ def build(args: dict[str, Any]) -> serve.Application:
 
     parser = argparse.ArgumentParser(prog="server.ray_app:build")
     configure(parser)
-    argv: list[str] = []
-    for name, value in args.items():
-        argv.append(f"--{name}")
-        if value is not True:
-            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(flags_from(args))
     return build_app(ns, scale_out_from(ns) or ScaleOut())
 
 

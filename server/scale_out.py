@@ -82,6 +82,17 @@ def add_scale_out_args(parser: argparse.ArgumentParser) -> None:
                        help="address of a running Ray cluster to deploy on (default: start a local one)")
 
 
+def flags_from(args: dict[str, object]) -> list[str]:
+    """`attamba serve` arguments from a mapping of flag names without their dashes (a Ray Serve application's
+    `args`): a true value is a bare flag, a list several values."""
+    argv: list[str] = []
+    for name, value in args.items():
+        argv.append(f"--{name}")
+        if value is not True:
+            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+    return argv
+
+
 def scale_out_from(ns: argparse.Namespace) -> ScaleOut | None:
     """The scale-out settings, or None when the server stays one process (no --replicas, no --autoscale)."""
     if ns.replicas is None and ns.autoscale is None:
