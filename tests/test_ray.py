@@ -162,8 +162,12 @@ def url(server: tuple[str, subprocess.Popen, Path]) -> str:
 
 @pytest.mark.slow
 def test_16_concurrent_streams_complete_on_both_replicas(url: str) -> None:
+    def staggered(i: int) -> tuple[str, list[dict | str]]:
+        time.sleep(0.05 * i)  # arrivals 50 ms apart (all 16 still overlap), not one burst the router
+        return stream(url, PROMPTS[i % 4], 48)  # sends before it has probed the second replica
+
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda i: stream(url, PROMPTS[i % 4], 24), range(16)))
+        results = list(pool.map(staggered, range(16)))
     for _, events in results:
         assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
         assert events[-2]["choices"][0]["finish_reason"] == "length"
@@ -229,6 +233,25 @@ def kill_replica(log: Path, replica: str) -> None:
     address = re.search(r"ray cluster at (\S+)", log.read_text()).group(1)
     subprocess.run([sys.executable, "-c", KILL_REPLICA, address, replica], check=True, timeout=60,
                    env=os.environ | {"RAY_AUTH_MODE": "token"})
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(url: str) -> None:
+    def aborted() -> float:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        return sum(s.value for f in families if f.name == "attamba_request_success" for s in f.samples
+                   if s.name.endswith("_total") and s.labels["finish_reason"] == "abort")
+
+    before = aborted()
+    body = {"prompt": PROMPTS[2], "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while aborted() < before + 1:
+        assert time.monotonic() < deadline, "the request kept running after its client left"
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
