@@ -422,7 +422,10 @@ def run(args: Any, scale: ScaleOut) -> int:
         while not signals.event.wait(0.5):
             pass
         _drain(serve.get_deployment_handle("MetricsHub", app_name=APP_NAME), signals, args.grace_period)
-        serve.shutdown()
+        if scale.ray_address:  # a shared cluster keeps Serve and its other applications
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
     finally:
         ray.shutdown()
     log.info("stopped")
