@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = (ROOT / "tests" / "data" / "wikitext_sample.txt").read_text()
 SETUPS = {
     "single": [],
+    "single-1-thread": ["--threads", "1"],
     "ray-1": ["--replicas", "1", "--replica-cpus", "2"],
     "ray-2": ["--replicas", "2", "--replica-cpus", "1"],
     "ray-2-prefix": ["--replicas", "2", "--replica-cpus", "1", "--router", "prefix"],

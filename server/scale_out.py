@@ -54,7 +54,7 @@ class ScaleOut:
 
 
 def _min_max(text: str) -> tuple[int, int]:
-    low, sep, high = text.partition(":")
+    low, _, high = text.partition(":")
     try:
         return int(low), int(high)
     except ValueError:

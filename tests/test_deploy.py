@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from server.scale_out import flags_from, scale_out_from
 from server.serve import configure
+
+yaml = pytest.importorskip("yaml")  # PyYAML comes with the dev extras (transformers, schemathesis)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -1,7 +1,7 @@
 """`attamba serve --replicas 2` on a local Ray cluster: routing, metrics, a killed replica, drain on SIGTERM.
 
 One server process (a Ray cluster plus two engine replicas of the shipped checkpoint, small caches) for the
-module; it takes about a minute to start, so these are `slow` (`make test-ray`). Unit checks of the pieces
+module; it takes about 35 s to start and the module a minute and a half, so these are `slow` (`make test-ray`). Unit checks of the pieces
 run without a cluster; everything skips when Ray Serve is not installed.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve")
@@ -41,8 +42,6 @@ START_TIMEOUT_S = 180
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,8 +81,6 @@ def test_replica_families_merge_into_one_exposition() -> None:
         reports.append(labelled_families(registry, replica))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MergedCollector(reports))
-    from prometheus_client import generate_latest
-
     text = generate_latest(registry).decode()
     assert text.count("# TYPE attamba_x_total counter") == 1
     family = next(f for f in text_string_to_metric_families(text) if f.name == "attamba_x")
