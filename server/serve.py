@@ -8,6 +8,7 @@ gets its final chunk (finish_reason "abort") and `data: [DONE]` before the serve
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import add_engine_args, engine_args_from, parse_bytes
 from server.app import create_app
 from server.lifecycle import Lifecycle
+from server.scale_out import add_scale_out_args, scale_out_from
 
 SHUTDOWN_TIMEOUT_S = 1  # after the drain: how long uvicorn waits before cancelling leftover responses
 ABORT_WAIT_S = 2.0  # after aborting what is left: how long its streams get to send their last chunks
@@ -44,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds running requests get after SIGTERM before they are aborted (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="(default: %(default)s)")
+    add_scale_out_args(parser)
 
 
 class DrainingServer(uvicorn.Server):
@@ -106,6 +109,17 @@ def run(args: argparse.Namespace) -> int:
     if args.grace_period < 0:
         raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # ---- scale-out: --replicas / --autoscale serve through Ray Serve (server/ray_app.py) ----
+    scale = scale_out_from(args)
+    if scale is not None:
+        engine_args_from(args)  # bad engine flags fail here, before a cluster starts
+        if scale.ray_address is None:
+            _listen(args.host, args.port).close()  # a taken port too
+        if importlib.util.find_spec("ray") is None:
+            raise RuntimeError("--replicas and --autoscale need Ray Serve: pip install 'attamba-serve[ray]'")
+        from server import ray_app
+        return ray_app.run(args, scale)
+    # ---- end scale-out ----
     engine = AsyncEngine(engine_args_from(args))
     app = create_app(engine, args.api_key, args.max_body_bytes, args.served_model_name, args.allowed_origins)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
