@@ -24,8 +24,12 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .cache_manager import CacheLayout
 
 Key = bytes
 
@@ -66,7 +70,7 @@ class PrefixCache:
     """Block and snapshot index, LRU of evictable entries, per-sequence hash chains, hit counters.
     The CacheManager owns the free list and refcounts and asks this class what to share."""
 
-    def __init__(self, layout, snapshot_interval: int) -> None:
+    def __init__(self, layout: CacheLayout, snapshot_interval: int) -> None:
         self.layout, self.interval = layout, snapshot_interval
         self.snapshot_blocks = layout.snapshot_blocks
         self.seed = hashlib.blake2b(repr((layout.spec.layers, layout.block_size, layout.kv_dtype)).encode(),
@@ -148,6 +152,7 @@ class PrefixCache:
         return None if key in self.snapshots else key
 
     def saving(self, seq: Sequence, key: Key, blocks: list[int]) -> None:
+        """seq's prefill writes its snapshot under key into blocks this step."""
         self.seqs[seq.seq_id].saving = (key, blocks)
 
     # ---- after a step -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
 from engine.cache_manager import CacheLayout
+from engine.prefix_cache import PrefixCache
 from models import ModelConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -86,12 +87,10 @@ def test_n_choices_share_the_prompt(tiny_ckpt) -> None:
     assert_released(llm.engine)
 
 
-def test_different_chunk_sizes_never_share(tiny_ckpt) -> None:
-    a = CacheLayout.for_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=4), 2, torch.float32)
-    b = CacheLayout.for_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=2), 2, torch.float32)
-    from engine.prefix_cache import PrefixCache
-
-    assert PrefixCache(a, 8).seed != PrefixCache(b, 8).seed
+def test_different_chunk_sizes_never_share() -> None:
+    a, b = (CacheLayout.for_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=p), 2,
+                                  torch.float32) for p in (4, 2))
+    assert PrefixCache(a, 8).seed != PrefixCache(b, 8).seed  # the seed of every hash chain covers P
 
 
 def test_snapshots_round_trip_through_blocks(tiny_ckpt) -> None:
