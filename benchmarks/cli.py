@@ -1,4 +1,4 @@
-"""`attamba bench {model,engine,kernels,smollm2}`: print JSON and write it (and a plot) to --out (default
+"""`attamba bench {model,engine,kernels,smollm2,prefix}`: print JSON and write it (and a plot) to --out (default
 bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
 from __future__ import annotations
 
@@ -44,6 +44,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers reference")
     e.add_argument("--llamacpp", action="store_true",
                    help="also llama.cpp (llama-cpp-python, f16 GGUF of a Llama of the same dims) at batch 1")
+    x = sub.add_parser("prefix", help="shared system prompt: prefix caching on/off, attamba vs transformer")
+    x.add_argument("--prefix-lengths", type=_ints, default=[1024, 4096], help="system prompt tokens")
+    x.add_argument("--requests", type=int, default=64)
+    x.add_argument("--uncached-requests", type=int, default=4,
+                   help="requests timed without caching (each recomputes the whole prompt)")
+    x.add_argument("--suffix", type=int, default=32, help="distinct tokens after the system prompt")
+    x.add_argument("--budget", type=parse_bytes, default=parse_bytes("1GiB"), help="cache budget of both kinds")
     k = sub.add_parser("kernels", help="decode kernels on CUDA: time and bandwidth vs the refs and SDPA")
     from .kernel_bench import configure as configure_kernels
 
@@ -52,8 +59,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from .smollm2_bench import configure as configure_smollm2
 
     configure_smollm2(s, _ints)
-    m.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    for p in (m, e):
+    for p in (m, x):
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    for p in (m, e, x):
         p.add_argument("--out", type=Path, default=Path("bench-results"),
                        help="directory for the JSON and the plot (default: %(default)s; docs/ holds the shipped "
                             "results, refresh them with --out docs)")
@@ -72,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.suite == "model":
+    if args.suite == "prefix":
+        from .prefix_bench import bench_prefix, summary
+
+        result = bench_prefix(args.prefix_lengths, args.requests, args.uncached_requests, args.suffix, args.budget)
+        print(summary(result))
+    elif args.suite == "model":
         from .model_bench import bench_model
 
         result = bench_model(args.lengths, ["attamba", "transformer"], args.steps, args.repeat, args.chunk_size)

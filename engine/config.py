@@ -44,11 +44,13 @@ class EngineArgs:
     max_waiting: int = 256  # waiting-queue bound; add_request beyond it raises QueueFull
     chunk_size: int | None = None  # Attamba P override for the whole engine (attamba kind only)
     threads: int = 0  # torch CPU threads; 0: the cores this process may run on
+    enable_prefix_caching: bool = True  # share cached prefixes: boundary blocks plus state snapshots
+    prefix_snapshot_interval: int = 8  # also snapshot a prompt's state every this many blocks
 
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "prefix_snapshot_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.dtype not in DTYPES:
@@ -117,6 +119,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="on CUDA, run the decode step eagerly instead of replaying captured CUDA graphs")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="torch CPU threads (default: the cores this process may use)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=d.enable_prefix_caching,
+                        help="reuse the cache of shared prompt prefixes (default: on)")
+    parser.add_argument("--prefix-snapshot-interval", type=int, default=d.prefix_snapshot_interval,
+                        help="with prefix caching, also save a prompt's recurrent state every N blocks "
+                             "(default: %(default)s)")
     parser.add_argument("--max-waiting", type=int, default=d.max_waiting,
                         help="sequences the waiting queue holds; more get 429 (default: %(default)s)")
 

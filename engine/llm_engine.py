@@ -44,7 +44,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         self.model_name = args.model if args.model in NAMED_MODELS else path.resolve().name
         layout = CacheLayout.for_model(self.config, args.block_size, args.torch_dtype)
-        self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs)
+        self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs,
+                                              args.enable_prefix_caching, args.prefix_snapshot_interval)
         self.max_model_len = fit_max_model_len(args.max_model_len, self.config.default_max_model_len, self.cache.fits_alone)
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -116,7 +117,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.runner.load_snapshots(batch.loads)
         seqs, logits = self.runner.run(batch.work)
+        self.runner.save_snapshots(batch.saves)
         self.scheduler.advance(batch)
         if not seqs:
             return []
@@ -146,4 +149,7 @@ class LLMEngine:
             cache_bytes_full_kv_equivalent=self.cache.full_kv_equivalent(live),
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
+            prefix_cache_queries=self.cache.prefix.queries if self.cache.prefix else 0,
+            prefix_cache_hits=self.cache.prefix.hits if self.cache.prefix else 0,
+            prefix_cache_bytes=self.cache.prefix_cache_bytes(),
         )

@@ -6,6 +6,8 @@ Pools (L layers, Hkv x D cached heads, S state slots, W ring entries):
   win_pos         [S, W]                               position held by each ring entry (-1 empty)
   ssm             [L, 2, S, h, E/h, N] fp32            K-SSM and V-SSM recurrent states
   conv            [L, 2, S, E + 2N, conv_width - 1]    their conv histories
+A prefix-cache snapshot is a slot's state (rings, ring positions, SSM and conv states) copied as
+bytes into pool blocks, so it shares the block budget.
 Sequences carry only block tables and a slot index. A decode step builds one DecodeMetadata
 (models/paged.py) and runs `LM.decode`, whose fused ops (kernels/) update the pools in place.
 The prefill chunks of a step run in one `LM.extend` (rows right-padded, each at its own start);
@@ -50,6 +52,42 @@ class ModelRunner:
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)
                        for l in range(L)]
+
+    # ---- state snapshots (prefix caching) -----------------------------------------------------------
+    def _slot_state(self, slot: int) -> list[Tensor]:
+        """Views of everything a slot holds, in snapshot order."""
+        parts = [self.win_k[:, slot], self.win_v[:, slot], self.win_pos[slot]] if self.spec.window_slots else []
+        if self.cfg.has_ssm:
+            parts += [self.ssm[:, :, slot], self.conv[:, :, slot]]
+        return parts
+
+    def _block_bytes(self, blocks: list[int]) -> list[Tensor]:
+        """The pool memory of blocks as contiguous byte views."""
+        return [pool[l, b].view(-1).view(torch.uint8) for b in blocks for pool in (self.k_pool, self.v_pool)
+                for l in range(self.cfg.n_layers)]
+
+    def save_snapshots(self, saves: list[tuple[int, list[int]]]) -> None:
+        """Copy each slot's state into its blocks."""
+        for slot, blocks in saves:
+            src = torch.cat([p.reshape(-1).view(torch.uint8) for p in self._slot_state(slot)])
+            assert len(src) == self.layout.snapshot_bytes
+            off = 0
+            for dst in self._block_bytes(blocks):
+                n = min(len(dst), len(src) - off)
+                if n <= 0:
+                    break
+                dst[:n].copy_(src[off : off + n])
+                off += n
+
+    def load_snapshots(self, loads: list[tuple[int, list[int]]]) -> None:
+        """Copy snapshots from their blocks into slots."""
+        for slot, blocks in loads:
+            src = torch.cat(self._block_bytes(blocks))
+            off = 0
+            for part in self._slot_state(slot):
+                n = part.numel() * part.element_size()
+                part.copy_(src[off : off + n].view(part.dtype).view(part.shape))
+                off += n
 
     def _tables(self, seqs: list[Sequence]) -> Tensor:
         width = max(1, max(len(s.block_table) for s in seqs))
@@ -145,9 +183,13 @@ class ModelRunner:
     def run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:
         """Compute each sequence's scheduled tokens. Returns the sequences that sample a token now
         (decodes, and prefills that reach the end of their tokens) and their logits [n, V]."""
-        # one new token after cached ones is a decode; everything else is a prefill chunk
-        decodes = [seq for seq, n in work if n == 1 and seq.num_computed > 0]
-        prefills = [(seq, n) for seq, n in work if not (n == 1 and seq.num_computed > 0)]
+        # the last token after cached ones is a decode; everything else (a one-token chunk inside the
+        # tokens included) is a prefill chunk
+        def is_decode(seq: Sequence, n: int) -> bool:
+            return n == 1 and seq.num_computed > 0 and seq.num_computed == seq.num_tokens - 1
+
+        decodes = [seq for seq, n in work if is_decode(seq, n)]
+        prefills = [(seq, n) for seq, n in work if not is_decode(seq, n)]
         seqs, logits = [], []
         if prefills:
             rows = self.prefill(prefills)

@@ -73,6 +73,9 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up at admission (as vLLM's)
+    prefix_cache_hits: int = 0  # of those, tokens resumed from the prefix cache
+    prefix_cache_bytes: int = 0  # cached blocks and state snapshots, held or evictable
 
     @property
     def cache_usage(self) -> float:

@@ -1,6 +1,8 @@
 """Continuous batching: FCFS admission by free cache, chunked prefill under a token budget mixed
-with decodes, and preemption by recompute when the pools run out. The scheduler owns each
-sequence's progress (advance, finish, preempt) and never touches tensors."""
+with decodes, and preemption by recompute when the pools run out. With prefix caching a waiting
+sequence resumes after its longest cached prefix, and prefill chunks end where a state snapshot
+is saved. The scheduler owns each sequence's progress (advance, finish, preempt) and never
+touches tensors."""
 from __future__ import annotations
 
 from collections import deque
@@ -15,6 +17,8 @@ class ScheduledBatch:
     """The work of one engine step: how many new tokens each scheduled sequence computes."""
 
     work: list[tuple[Sequence, int]] = field(default_factory=list)
+    loads: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, snapshot blocks) before the step
+    saves: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, blocks) after the step
 
     @property
     def num_tokens(self) -> int:
@@ -49,30 +53,43 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self.cache.chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
             if not self._make_room(seq, seq.num_computed + n, scheduled):
                 continue
-            self.cache.allocate(seq, seq.num_computed + n)
-            batch.work.append((seq, n))
+            self._schedule(batch, seq, n)
             scheduled.add(seq.seq_id)
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.cache.can_allocate(seq, seq.num_computed + n):
+            hit = self.cache.lookup(seq)
+            if hit is None:
+                break  # its next block is being computed: wait for it rather than compute it twice
+            n = hit.chunk(min(seq.num_tokens - hit.num_tokens, budget))
+            if not self.cache.can_admit(seq, hit, hit.num_tokens + n):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.cache.allocate(seq, seq.num_computed + n)
+            load = self.cache.admit(seq, hit)
+            seq.num_computed = hit.num_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.work.append((seq, n))
+            self._schedule(batch, seq, n)
+            if load:
+                batch.loads.append((seq.slot, load))
             budget -= n
         return batch
+
+    def _schedule(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        self.cache.allocate(seq, seq.num_computed + n)
+        batch.work.append((seq, n))
+        save = self.cache.plan_snapshot(seq, seq.num_computed + n)
+        if save:
+            batch.saves.append((seq.slot, save))
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Record that the batch's tokens are now in the cache."""
         for seq, n in batch.work:
             seq.num_computed += n
+            self.cache.commit(seq)
 
     def _make_room(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Preempt the newest unscheduled running sequences until seq can hold n tokens.
@@ -88,7 +105,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free seq's cache and queue it (first) for recomputation."""
         self.running.remove(seq)
-        self.cache.free(seq)
+        self.cache.free(seq, finished=False)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)

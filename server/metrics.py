@@ -46,11 +46,15 @@ class EngineCollector(Collector):
             ("attamba_cache_bytes_full_kv_equivalent",
              "Bytes a full-KV transformer of the same dims would hold for the same tokens.",
              s.cache_bytes_full_kv_equivalent),
+            ("attamba_prefix_cache_bytes", "Bytes of cached prefix blocks and state snapshots (held or evictable).",
+             s.prefix_cache_bytes),
         ]
         counters = [
             ("attamba_prompt_tokens", "Prompt tokens admitted.", s.prompt_tokens),
             ("attamba_generation_tokens", "Tokens generated.", s.generation_tokens),
             ("attamba_num_preemptions", "Sequences preempted.", s.num_preemptions),
+            ("attamba_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            ("attamba_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
         ]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])

@@ -25,8 +25,9 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @pytest.mark.parametrize("kind", ["attamba", "transformer", "sliding", "pseudo"])
-def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str) -> None:
+def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str, prefix_caching: bool) -> None:
     path = ckpt_factory(kind)
     model = load_model(path)
     prompts = prompts_of([1, 3, 9, 31, 70], model.config.vocab_size)
@@ -34,12 +35,13 @@ def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str) -> None:
     # small chunks, small budget: chunked prefill mixed with decodes, and preemption
     layout = CacheLayout.for_model(model.config, 4, torch.float32)
     budget = 4 * layout.slot_bytes + layout.block_bytes * (layout.blocks(82) + 1)  # one long sequence and a bit
-    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, cache_memory=budget, max_num_seqs=4)
+    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, cache_memory=budget, max_num_seqs=4,
+              enable_prefix_caching=prefix_caching)
     outs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == greedy_reference(model, prompt, 12)
         assert out.finish_reason == "length"
-    if kind != "sliding":  # a sliding window needs no blocks, so it never runs out
+    if kind != "sliding" and not prefix_caching:  # a sliding window needs no blocks, so it never runs out
         assert llm.engine.scheduler.num_preemptions > 0  # the budget really forced recomputation
     assert llm.engine.cache.all_free()
 
@@ -53,7 +55,7 @@ def test_chunk_size_override_matches_reference(tiny_ckpt) -> None:
 
 
 def test_cache_accounting_matches_state_bytes(tiny_ckpt) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=1))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=1, enable_prefix_caching=False))
     engine.add_request("a", list(range(5, 45)), SamplingParams(max_tokens=3, ignore_eos=True))
     engine.step()  # prefill of 40 tokens -> the first token is sampled, 40 computed
     stats = engine.stats()
@@ -185,7 +187,8 @@ def test_max_model_len_is_fitted_to_the_cache_at_start_up(tiny_ckpt) -> None:
 
 
 def test_prefill_chunks_of_several_sequences_run_in_one_forward(tiny_ckpt, monkeypatch) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), max_num_batched_tokens=20, block_size=2))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), max_num_batched_tokens=20, block_size=2,
+                                  enable_prefix_caching=False))  # no chunk ends at a snapshot point
     calls = []
     extend = engine.model.extend
     monkeypatch.setattr(engine.model, "extend", lambda ids, start, *a, **k: calls.append(ids.shape) or extend(ids, start, *a, **k))
