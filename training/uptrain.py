@@ -37,11 +37,13 @@ from models.loading import load_model, save_checkpoint
 from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
-from .data import batches, cache_dir, encode_corpus, read_split
+from .corpus import SOURCES, read_source
+from .data import batches, cache_dir, encode_corpus
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 STAGES = (1, 2)
+RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads")  # a resumed run may change these
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class UptrainConfig:
     ckpt_interval: int = 25
     threads: int = 1
     seed: int = 0
-    train_text: str | None = None  # a UTF-8 text file instead of the WikiText-2 train split
+    corpus: str = "wikitext2"  # comma-separated sources of training/corpus.py
+    train_text: str | None = None  # a UTF-8 text file instead of the corpus
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "ssm_state", "ssm_inner", "ssm_heads", "seq_len", "batch_size", "ckpt_interval",
@@ -78,6 +81,13 @@ class UptrainConfig:
         bad += [n for n in ("lr1", "lr2", "grad_clip") if getattr(self, n) <= 0]
         if bad:
             raise ValueError(f"uptrain config: invalid values for {bad}")
+        unknown = [name for name in self.sources if name not in SOURCES]
+        if unknown or not self.sources:
+            raise ValueError(f"uptrain config: corpus sources must be among {', '.join(SOURCES)}, got {self.corpus!r}")
+
+    @property
+    def sources(self) -> list[str]:
+        return [name.strip() for name in self.corpus.split(",") if name.strip()]
 
 
 def student_config(teacher: ModelConfig, uc: UptrainConfig, base_model: str) -> ModelConfig:
@@ -144,7 +154,7 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float)
     s_logits = student(inputs).flatten(0, 1)
     kl = F.kl_div(F.log_softmax(s_logits, -1), t_logp, log_target=True, reduction="batchmean")
     ce = F.cross_entropy(s_logits, targets.flatten())
-    return kl + ce_weight * ce, float(kl), float(ce)
+    return kl + ce_weight * ce, kl.item(), ce.item()
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -162,11 +172,20 @@ def teacher_reference(teacher: str) -> str:
 
 
 def train_ids(tokenizer: Tokenizer, uc: UptrainConfig) -> Tensor:
-    """The encoded training text (cached per tokenizer and text)."""
+    """The encoded training text: train_text, or the corpus sources concatenated (each cached per tokenizer)."""
     if uc.train_text:
         return encode_corpus(tokenizer, Path(uc.train_text).read_text(encoding="utf-8"))
-    cache = cache_dir() / "uptrain" / f"wikitext2-train-{tokenizer.fingerprint[:16]}.pt"
-    return encode_corpus(tokenizer, read_split("train"), cache)
+    return torch.cat([_source_ids(tokenizer, name) for name in uc.sources])
+
+
+def _source_ids(tokenizer: Tokenizer, name: str) -> Tensor:
+    shared = cache_dir() / "uptrain" / f"{name}-{tokenizer.fingerprint[:16]}.pt"
+    if shared.exists():
+        return encode_corpus(tokenizer, read_source(name), shared)
+    own = shared.with_name(f"{shared.stem}-{os.getpid()}.pt")  # concurrent runs each write their own, then rename
+    ids = encode_corpus(tokenizer, read_source(name), own)
+    os.replace(own, shared)
+    return ids
 
 
 class Run:
@@ -204,8 +223,11 @@ class Run:
 
     def load_state(self) -> None:
         state = torch.load(self.out / STATE_FILE, map_location="cpu", weights_only=False)
-        if state["config"] != dataclasses.asdict(self.uc):
-            raise ValueError(f"{self.out} was written with a different uptrain config; use another --out directory")
+        saved = {**dataclasses.asdict(UptrainConfig()), **state["config"]}  # fields added since take their defaults
+        differ = [k for k, v in dataclasses.asdict(self.uc).items() if saved[k] != v and k not in RESCHEDULABLE]
+        if differ:
+            raise ValueError(f"{self.out} was written with a different uptrain config ({', '.join(differ)}); "
+                             "use another --out directory")
         self.student.load_state_dict(state["ssm"], strict=False)
         self.stage, self.step = int(state["stage"]), int(state["step"])
         self.opt = self._optimizer()
@@ -329,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_FILE).write_text("")
-        (out / "uptrain_config.json").write_text(json.dumps(dataclasses.asdict(uc), indent=2) + "\n")
+    (out / "uptrain_config.json").write_text(json.dumps(dataclasses.asdict(uc), indent=2) + "\n")
     if not job.train():
         print(f"time budget reached; state saved in {out / STATE_FILE} and the student so far exported "
               "(continue with --resume auto)", file=sys.stderr)
