@@ -5,6 +5,9 @@ its uptrained Attamba students and two untrained controls per chunk size P:
             the student's bytes (window ring plus SSM and conv states)
 
     python -m training.uptrain_report --runs runs/uptrain-p8 ... --out docs/uptrain.json --plot docs/uptrain.png
+
+Rows of the untrained models already in --out (same evaluation settings) are kept, so a report can be
+refreshed as students train; a run without an exported student yet has only its control rows.
 """
 from __future__ import annotations
 
@@ -96,24 +99,32 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_model(teacher_dir)
     tokenizer = Tokenizer.from_file(teacher_dir / "tokenizer.json")
     text = read_split("test")
-    rows = [measure("teacher", teacher, tokenizer, text, args, P=None)]
+    report = {"teacher": args.teacher, "split": "test", "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
+              "windows": "non-overlapping, a prefix of the test split", "prompts": list(PROMPTS), "rows": []}
+    kept = {}
+    if args.out.is_file():
+        old = json.loads(args.out.read_text())
+        if all(old.get(k) == v for k, v in report.items() if k != "rows"):
+            kept = {r["name"]: r for r in old["rows"] if "trained" not in r}
+
+    def add(name: str, build, **extra) -> None:
+        report["rows"].append(kept.get(name) or measure(name, build(), tokenizer, text, args, **extra))
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    add("teacher", lambda: teacher, P=None)
     for run in map(Path, args.runs):
         uc = UptrainConfig(**json.loads((run / "uptrain_config.json").read_text()))
-        student = load_model(run)
-        log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
-        trained = {f"stage{s}_steps": sum(r["stage"] == s for r in log) for s in (1, 2)}
-        trained["tokens"] = sum(uc.batch_size * uc.seq_len for _ in log)
-        rows.append(measure(f"attamba P={uc.chunk_size}", student, tokenizer, text, args, P=uc.chunk_size,
-                            trained=trained))
-        zero = build_student(teacher, student_config(teacher.config, uc, args.teacher), uc.seed).eval()
-        rows.append(measure(f"zero-SSM P={uc.chunk_size}", zero, tokenizer, text, args, P=uc.chunk_size))
-        w = equal_cache_window(teacher.config, student.config, args.seq_len)
-        sliding = with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w))
-        rows.append(measure(f"sliding W={w} (= P={uc.chunk_size} cache)", sliding, tokenizer, text, args,
-                            P=uc.chunk_size, window=w))
-    report = {"teacher": args.teacher, "split": "test", "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
-              "windows": "non-overlapping, a prefix of the test split", "prompts": list(PROMPTS), "rows": rows}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        cfg = student_config(teacher.config, uc, args.teacher)
+        if (run / "model.safetensors").is_file():
+            log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+            trained = {f"stage{s}_steps": sum(r["stage"] == s for r in log) for s in (1, 2)}
+            trained["tokens"] = len(log) * uc.batch_size * uc.seq_len
+            add(f"attamba P={uc.chunk_size}", lambda: load_model(run), P=uc.chunk_size, trained=trained)
+        add(f"zero-SSM P={uc.chunk_size}", lambda: build_student(teacher, cfg, uc.seed).eval(), P=uc.chunk_size)
+        w = equal_cache_window(teacher.config, cfg, args.seq_len)
+        add(f"sliding W={w} (= P={uc.chunk_size} cache)",
+            lambda: with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w)),
+            P=uc.chunk_size, window=w)
     if args.plot:
         plot(report, args.plot)
     return 0
