@@ -252,14 +252,16 @@ class Run:
                                            self.gen)
         self.student.train()
         with open(self.out / LOG_FILE, "a") as log:
-            while self.stage in STAGES:
+            while True:
                 if not self._stage(stream, log):
                     return False
                 self.export()
+                if self.stage == STAGES[-1]:  # stays at its end: a resume with more stage-2 steps continues it
+                    self.save_state()
+                    return True
                 self.stage, self.step = self.stage + 1, 0
                 self.opt = self._optimizer()
                 self.save_state()
-        return True
 
     def _stage(self, stream: Iterator[Tensor], log) -> bool:
         uc, total = self.uc, self.steps(self.stage)

@@ -6,8 +6,8 @@ its uptrained Attamba students and two untrained controls per chunk size P:
 
     python -m training.uptrain_report --runs runs/uptrain-p8 ... --out docs/uptrain.json --plot docs/uptrain.png
 
-Rows of the untrained models already in --out (same evaluation settings) are kept, so a report can be
-refreshed as students train; a run without an exported student yet has only its control rows.
+Rows already in --out (same evaluation settings; for a student, the same training log) are kept, so a
+report can be refreshed as students train; a run without an exported student yet has only its control rows.
 """
 from __future__ import annotations
 
@@ -105,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.is_file():
         old = json.loads(args.out.read_text())
         if all(old.get(k) == v for k, v in report.items() if k != "rows"):
-            kept = {r["name"]: r for r in old["rows"] if "trained" not in r}
+            kept = {r["name"]: r for r in old["rows"]}
 
     def add(name: str, build, **extra) -> None:
-        report["rows"].append(kept.get(name) or measure(name, build(), tokenizer, text, args, **extra))
+        row = kept.get(name)
+        if row is None or row.get("trained") != extra.get("trained"):  # a student trained further is measured again
+            row = measure(name, build(), tokenizer, text, args, **extra)
+        report["rows"].append(row)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     add("teacher", lambda: teacher, P=None)
@@ -136,6 +139,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     n = str(report["seq_len"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -152,6 +156,9 @@ def plot(report: dict, path: Path) -> None:
                                 textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel(f"cache per sequence at {n} tokens (MiB, fp16 K/V, fp32 SSM state)")
     ax.set_ylabel("WikiText-2 test token perplexity")
     ax.set_title(f"SmolLM2-135M uptrained to Attamba (L=8): first {report['eval_tokens']} test tokens")
