@@ -152,3 +152,11 @@ def test_corpus_sources_parse_and_are_hash_checked(tmp_path, monkeypatch) -> Non
         read_source("shakespeare")
     with pytest.raises(ValueError, match="corpus sources"):
         UptrainConfig(corpus="wikitext2,nope")
+
+
+def test_shipped_student_is_a_small_delta() -> None:
+    path = Path(__file__).parents[1] / "checkpoints" / "attamba-smollm2-p8"
+    cfg = ModelConfig.load(path)
+    assert (cfg.kind, cfg.kv_skip, cfg.base_model, cfg.chunk_size, cfg.window) == ("attamba", "proj", "smollm2-135m", 8, 8)
+    assert all(is_trainable(k) for k in load_file(str(path / "model.safetensors")))
+    assert sum(f.stat().st_size for f in path.iterdir()) < 40 * 2**20
