@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("attamba", "pseudo", "transformer", "sliding", "reduced")
+KV_SKIPS = ("input", "proj")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # Hugging Face's file, read when config.json has no chat_template
 
 
@@ -21,6 +22,13 @@ class ModelConfig:
       transformer Llama layout, Wk/Wv, full causal attention
       sliding     Llama layout, attention to the last `sliding_window` tokens only
       reduced     Llama layout with attention width d/P (heads of `reduced_head_dim`)
+
+    kv_skip (SSM kinds): the residual added to the SSM output to form k and v:
+      input  k = SSM_k(u) + u, v = SSM_v(u) + u (the paper's form; one K/V head per query head)
+      proj   k = Wk u + SSM_k(u), v = Wv u + SSM_v(u) with the SSMs projecting to kv_dim
+             (a pretrained transformer's Wk, Wv kept as the skip, grouped-query heads allowed)
+    base_model: the checkpoint (directory or named model) whose weights this one's file omits;
+      loading takes every tensor the file lacks from it (a delta over a teacher).
     """
 
     kind: str = "attamba"
@@ -46,14 +54,20 @@ class ModelConfig:
     eos_token_id: int | None = None
     chat_template: str = ""  # str.format template of one message, or a Jinja2 template ("{%")
     tie_embeddings: bool = False  # the output head shares the embedding matrix
+    kv_skip: str = "input"  # SSM kinds: "input" (k = SSM(u) + u) or "proj" (k = Wk u + SSM(u))
+    base_model: str = ""  # the checkpoint this one is a delta over ("" = self-contained)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.chunk_size < 1 or self.window < 0:
             raise ValueError("chunk_size must be >= 1 and window >= 0")
+        if self.kv_skip not in KV_SKIPS:
+            raise ValueError(f"kv_skip must be one of {KV_SKIPS}, got {self.kv_skip!r}")
+        if self.kv_skip == "proj" and not self.has_ssm:
+            raise ValueError(f"kv_skip 'proj' needs an SSM kind (attamba, pseudo), got {self.kind!r}")
         if self.has_ssm:
-            if self.n_heads * self.head_dim != self.d_model:
+            if self.kv_skip == "input" and self.n_heads * self.head_dim != self.d_model:
                 raise ValueError("SSM keys need n_heads * head_dim == d_model")
             if self.ssm_inner % self.ssm_heads:
                 raise ValueError("ssm_inner must be divisible by ssm_heads")
@@ -67,13 +81,19 @@ class ModelConfig:
             raise ValueError("d_model / chunk_size must be a multiple of reduced_head_dim")
         if self.n_kv_heads < 0 or self.num_attn_heads % self.num_kv_heads:
             raise ValueError(f"n_kv_heads must divide the {self.num_attn_heads} attention heads, got {self.n_kv_heads}")
-        if self.has_ssm and self.num_kv_heads != self.num_attn_heads:
-            raise ValueError("SSM keys/values have one head per query head: n_kv_heads must be 0 for kind " + self.kind)
+        if self.has_ssm and self.kv_skip == "input" and self.num_kv_heads != self.num_attn_heads:
+            raise ValueError(f"SSM keys/values with kv_skip 'input' have one head per query head: n_kv_heads must be 0 "
+                             f"for kind {self.kind} (or use kv_skip 'proj')")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def has_ssm(self) -> bool:
         return self.kind in ("attamba", "pseudo")
+
+    @property
+    def has_kv_proj(self) -> bool:
+        """Whether the model has Wk, Wv (every kind but the SSM kinds with kv_skip "input")."""
+        return not self.has_ssm or self.kv_skip == "proj"
 
     @property
     def attn_dim(self) -> int:

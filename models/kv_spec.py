@@ -94,7 +94,7 @@ class CacheSpec:
     layers: tuple[KeySpec, ...]
     ssm_state_elems: int  # per layer: K and V SSM recurrent states (fp32)
     conv_state_elems: int  # per layer: K and V conv histories (cache dtype)
-    full_kv_width: int  # K width of a full-KV transformer of the same dims (the comparison)
+    full_kv_width: int  # K width of a full-KV transformer of the same dims and KV heads (the comparison)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "CacheSpec":
@@ -108,7 +108,7 @@ class CacheSpec:
                        for i in range(cfg.n_layers))
         ssm = 2 * cfg.ssm_inner * cfg.ssm_state if cfg.has_ssm else 0
         conv = 2 * cfg.conv_channels * (cfg.conv_width - 1) if cfg.has_ssm else 0
-        return cls(layers, ssm, conv, cfg.d_model)
+        return cls(layers, ssm, conv, cfg.d_model if cfg.kind == "reduced" else cfg.kv_dim)
 
     @property
     def window_slots(self) -> int:

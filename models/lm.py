@@ -3,7 +3,9 @@
     h   = x + Wo Attn(q = Wq u, k = SSM_k(u) + u, v = SSM_v(u) + u)    u = RMSNorm(x)
     out = h + SwiGLU(RMSNorm(h))
 
-The transformer kinds replace the SSMs by Wk, Wv (optionally grouped-query). Which keys a query
+The transformer kinds replace the SSMs by Wk, Wv (optionally grouped-query); kv_skip "proj" keeps
+Wk, Wv as the SSMs' skip (k = Wk u + SSM_k(u), grouped-query allowed: a pretrained transformer
+turned into Attamba). Which keys a query
 sees is the only other difference between kinds (models/kv_spec.py). Entry points:
   forward(ids)                        whole sequences from position 0, no cache (training)
   decode(tokens, meta, caches)        the serving decode step: one token per row, reading and
@@ -52,12 +54,12 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 class _Packed:
     """A layer's decode weights packed into few tensors (the parameters become views of them)."""
 
-    w_in: Tensor  # [q | k-SSM in_proj | v-SSM in_proj] rows, or [q | k | v]
+    w_in: Tensor  # [q | k-SSM in_proj | v-SSM in_proj], [q | k | v | k-SSM in_proj | v-SSM in_proj] or [q | k | v]
     conv: Tensor | None = None  # [2, C, conv_width]
     A_log: Tensor | None = None  # [2, h]
     D: Tensor | None = None  # [2, h]
     norm: Tensor | None = None  # [2, E]
-    out: Tensor | None = None  # [2, d, E]
+    out: Tensor | None = None  # [2, d or kv_dim, E]
 
 
 class Attention(nn.Module):
@@ -71,8 +73,9 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
         if cfg.has_ssm:
             args = (cfg.d_model, cfg.ssm_inner, cfg.ssm_state, cfg.ssm_heads, cfg.conv_width, cfg.norm_eps)
-            self.ssm_k, self.ssm_v = ChunkSSM(*args), ChunkSSM(*args)
-        else:
+            d_out = cfg.kv_dim if cfg.has_kv_proj else cfg.d_model
+            self.ssm_k, self.ssm_v = ChunkSSM(*args, d_out=d_out), ChunkSSM(*args, d_out=d_out)
+        if cfg.has_kv_proj:
             self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
             self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
         self.wo = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
@@ -80,7 +83,7 @@ class Attention(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.cfg.d_model**-0.5
-        for lin in (self.wq, self.wo) + (() if self.cfg.has_ssm else (self.wk, self.wv)):
+        for lin in (self.wq, self.wo) + ((self.wk, self.wv) if self.cfg.has_kv_proj else ()):
             trunc_normal_(lin.weight, std)
         if self.cfg.has_ssm:
             self.ssm_k.reset_parameters()
@@ -92,15 +95,23 @@ class Attention(nn.Module):
 
     def pack(self) -> None:
         """Pack the decode weights (no copy is kept: the parameters become views)."""
+        proj = [self.wq.weight] + ([self.wk.weight, self.wv.weight] if self.cfg.has_kv_proj else [])
         if self.cfg.has_ssm:
             k, v = self.ssm_k, self.ssm_v
             self.packed = _Packed(
-                w_in=pack_([self.wq.weight, k.in_proj.weight, v.in_proj.weight], 0),
+                w_in=pack_(proj + [k.in_proj.weight, v.in_proj.weight], 0),
                 conv=pack_([k.conv_weight, v.conv_weight], None), A_log=pack_([k.A_log, v.A_log], None),
                 D=pack_([k.D, v.D], None), norm=pack_([k.norm.weight, v.norm.weight], None),
                 out=pack_([k.out_proj.weight, v.out_proj.weight], None))
         else:
-            self.packed = _Packed(w_in=pack_([self.wq.weight, self.wk.weight, self.wv.weight], 0))
+            self.packed = _Packed(w_in=pack_(proj, 0))
+
+    def _skip_k(self, u: Tensor) -> Tensor:
+        """What the K-SSM's output is added to: Wk u (kv_skip "proj") or u."""
+        return self.wk(u) if self.cfg.has_kv_proj else u
+
+    def _skip_v(self, u: Tensor) -> Tensor:
+        return self.wv(u) if self.cfg.has_kv_proj else u
 
     def _heads(self, x: Tensor, kv: bool = False) -> Tensor:
         return x.unflatten(-1, (self.cfg.num_kv_heads if kv else self.cfg.num_attn_heads, self.cfg.head_dim))
@@ -122,12 +133,16 @@ class Attention(nn.Module):
         cfg, w = self.cfg, self.packed
         proj = F.linear(u, w.w_in)
         if cfg.has_ssm:
-            E, C = cfg.ssm_inner, cfg.conv_channels
-            q, zxbcdt = proj[:, : cfg.attn_dim], proj[:, cfg.attn_dim :].unflatten(-1, (2, -1))  # [B, 2, 2E+2N+h]
+            E, C, A = cfg.ssm_inner, cfg.conv_channels, cfg.attn_dim
+            if cfg.has_kv_proj:  # skip = [Wk u, Wv u]
+                skip, A = proj[:, A : A + 2 * cfg.kv_dim].unflatten(-1, (2, -1)).transpose(0, 1), A + 2 * cfg.kv_dim
+            else:
+                skip = u.unsqueeze(0)
+            q, zxbcdt = proj[:, : cfg.attn_dim], proj[:, A:].unflatten(-1, (2, -1))  # [B, 2, 2E+2N+h]
             z, xbc, dt = zxbcdt[..., :E], zxbcdt[..., E : E + C], zxbcdt[..., E + C :]
             y = ssm_step(xbc, dt, cache.conv, cache.ssm, w.conv, w.A_log, w.D, meta.slots, meta.reset[self.layer])
             y = rms_norm(y * F.silu(z), w.norm, cfg.norm_eps)  # [B, 2, E]: each SSM's gated norm
-            kv = torch.baddbmm(u.unsqueeze(0), y.transpose(0, 1), w.out.transpose(1, 2))  # [2, B, d]: SSM(u) + u
+            kv = torch.baddbmm(skip, y.transpose(0, 1), w.out.transpose(1, 2))  # [2, B, kv width]: SSM(u) + skip
             k, v = kv[0], kv[1]
         else:
             q, k, v = proj.split([cfg.attn_dim, cfg.kv_dim, cfg.kv_dim], -1)
@@ -146,7 +161,7 @@ class Attention(nn.Module):
             P = self.cfg.chunk_size
             k, sk = self.ssm_k(u, pos, P, self.offset, state.k if state else None, last, mamba)
             v, sv = self.ssm_v(u, pos, P, self.offset, state.v if state else None, last, mamba)
-            k, v = self._heads(k + u), self._heads(v + u)
+            k, v = self._heads(k + self._skip_k(u), True), self._heads(v + self._skip_v(u), True)
             new_state = LayerSSMState(sk, sv) if last is not None else None
         else:
             k, v, new_state = self._heads(self.wk(u), True), self._heads(self.wv(u), True), None
@@ -162,7 +177,8 @@ class Attention(nn.Module):
             reset = chunk_start(pos, self.cfg.chunk_size, self.offset)
             k, sk = self.ssm_k.step(u, reset, state.k)
             v, sv = self.ssm_v.step(u, reset, state.v)
-            k, v, new_state = self._heads(k + u), self._heads(v + u), LayerSSMState(sk, sv)
+            k, v = self._heads(k + self._skip_k(u), True), self._heads(v + self._skip_v(u), True)
+            new_state = LayerSSMState(sk, sv)
         else:
             k, v, new_state = self._heads(self.wk(u), True), self._heads(self.wv(u), True), None
         return apply_rope(q, pos, theta), apply_rope(k, pos, theta), v, new_state

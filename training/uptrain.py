@@ -1,0 +1,362 @@
+"""`attamba uptrain`: a pretrained transformer turned into Attamba by distillation (docs/uptrain.md).
+
+The student keeps every teacher weight (embeddings, norms, Wq, Wk, Wv, Wo, FFN) and adds a K- and
+a V-SSM per layer whose outputs add to Wk u and Wv u (kv_skip "proj"). Their output projections
+start at zero, so the student starts as the teacher restricted to the Attamba pattern.
+  stage 1  attention transfer, layer-local: on the teacher's own (detached) hidden states, each
+           layer's SSMs learn to make its attention output under the Attamba pattern match the
+           teacher's full-causal one (MSE normalised by the target's mean square)
+  stage 2  end-to-end distillation: KL to the teacher's logits plus ce_weight x cross-entropy
+Only the SSMs train. The run directory holds train_state.pt (SSM weights, optimizer, stage, step,
+RNG; a later run with --resume auto continues from it), log.jsonl, and after each stage (or when
+--max-minutes stops it) the exported student: a delta checkpoint of the SSM tensors (bf16) whose
+config names the teacher as base_model, plus the teacher's tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from models.attention import block_attention
+from models.config import ModelConfig
+from models.lm import LM
+from models.loading import load_model, save_checkpoint
+from models.registry import NAMED_MODELS, resolve_model
+from models.tokenizer import Tokenizer
+
+from .corpus import SOURCES, read_source
+from .data import batches, cache_dir, encode_corpus
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "log.jsonl"
+STAGES = (1, 2)
+RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads")  # a resumed run may change these
+
+
+@dataclass(frozen=True)
+class UptrainConfig:
+    """Everything a run depends on (also a JSON file for --config; flags override it)."""
+
+    teacher: str = "smollm2-135m"  # named model or checkpoint directory (kind transformer)
+    chunk_size: int = 8  # P
+    window: int = 8  # L
+    ssm_state: int = 16  # N
+    ssm_inner: int = 64  # E
+    ssm_heads: int = 4  # h
+    seq_len: int = 256
+    batch_size: int = 4
+    stage1_steps: int = 200
+    stage2_steps: int = 100
+    lr1: float = 3e-3
+    lr2: float = 1e-3
+    warmup_steps: int = 10
+    ce_weight: float = 0.1  # stage 2 loss = KL(teacher || student) + ce_weight * CE
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ckpt_interval: int = 25
+    threads: int = 1
+    seed: int = 0
+    corpus: str = "wikitext2"  # comma-separated sources of training/corpus.py
+    train_text: str | None = None  # a UTF-8 text file instead of the corpus
+
+    def __post_init__(self) -> None:
+        positive = ("chunk_size", "ssm_state", "ssm_inner", "ssm_heads", "seq_len", "batch_size", "ckpt_interval",
+                    "threads")
+        bad = [n for n in positive if getattr(self, n) < 1]
+        bad += [n for n in ("window", "stage1_steps", "stage2_steps", "warmup_steps", "ce_weight", "weight_decay")
+                if getattr(self, n) < 0]
+        bad += [n for n in ("lr1", "lr2", "grad_clip") if getattr(self, n) <= 0]
+        if bad:
+            raise ValueError(f"uptrain config: invalid values for {bad}")
+        unknown = [name for name in self.sources if name not in SOURCES]
+        if unknown or not self.sources:
+            raise ValueError(f"uptrain config: corpus sources must be among {', '.join(SOURCES)}, got {self.corpus!r}")
+
+    @property
+    def sources(self) -> list[str]:
+        return [name.strip() for name in self.corpus.split(",") if name.strip()]
+
+
+def student_config(teacher: ModelConfig, uc: UptrainConfig, base_model: str) -> ModelConfig:
+    """The Attamba student of a transformer teacher (same dims, kv_skip "proj", delta over base_model)."""
+    if teacher.kind != "transformer":
+        raise ValueError(f"the teacher must be a full-attention transformer, got kind {teacher.kind!r}")
+    return teacher.replace(kind="attamba", chunk_size=uc.chunk_size, window=uc.window, ssm_state=uc.ssm_state,
+                           ssm_inner=uc.ssm_inner, ssm_heads=uc.ssm_heads, kv_skip="proj", base_model=base_model)
+
+
+def build_student(teacher: LM, cfg: ModelConfig, seed: int) -> LM:
+    """Teacher weights everywhere, fresh SSMs with zero output projections; only the SSMs train."""
+    torch.manual_seed(seed)
+    student = LM(cfg)
+    for blk in student.blocks:
+        for ssm in (blk.attn.ssm_k, blk.attn.ssm_v):
+            ssm.reset_parameters()
+            torch.nn.init.zeros_(ssm.out_proj.weight)
+    missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
+    if any(not is_trainable(name) for name in missing):
+        raise ValueError(f"teacher lacks student weights: {[n for n in missing if not is_trainable(n)][:3]}")
+    for name, p in student.named_parameters():
+        p.requires_grad_(is_trainable(name))
+    return student
+
+
+def is_trainable(name: str) -> bool:
+    """Whether a student state-dict entry is one of the new SSMs (the delta a checkpoint stores)."""
+    return ".attn.ssm_k." in name or ".attn.ssm_v." in name
+
+
+def trainable_state(model: LM) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_trainable(k)}
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
+    """Stage 1: mean over layers of ||attn_student - attn_teacher||^2 / ||attn_teacher||^2, every layer
+    fed the teacher's own hidden state (no gradient crosses layers)."""
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    with torch.no_grad():
+        x = teacher.embed(ids)
+    total = ids.new_zeros((), dtype=torch.float32)
+    for t_blk, s_blk in zip(teacher.blocks, student.blocks):
+        with torch.no_grad():
+            u = t_blk.attn_norm(x)
+            q, k, v, _ = t_blk.attn.project(u, pos, None, None)
+            o_t = block_attention(q, k, v, pos, pos, torch.ones_like(pos, dtype=torch.bool), 0)
+            target = t_blk.attn.wo(o_t.flatten(-2))
+        _, ks, vs, _ = s_blk.attn.project(u, pos, None, None)
+        spec = s_blk.attn.spec
+        out = s_blk.attn.wo(block_attention(q, ks, vs, pos, pos, spec.is_boundary(pos), spec.window).flatten(-2))
+        total = total + (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+        with torch.no_grad():
+            x = t_blk.finish(x, o_t)
+    return total / len(student.blocks)
+
+
+def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float) -> tuple[Tensor, float, float]:
+    """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE; returns (loss, kl, ce)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher(inputs).flatten(0, 1), -1)
+    s_logits = student(inputs).flatten(0, 1)
+    kl = F.kl_div(F.log_softmax(s_logits, -1), t_logp, log_target=True, reduction="batchmean")
+    ce = F.cross_entropy(s_logits, targets.flatten())
+    return kl + ce_weight * ce, kl.item(), ce.item()
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to peak / 10."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def teacher_reference(teacher: str) -> str:
+    """How the exported student names its base: the model name, or the directory's absolute path."""
+    return teacher if teacher in NAMED_MODELS else str(Path(teacher).resolve())
+
+
+def train_ids(tokenizer: Tokenizer, uc: UptrainConfig) -> Tensor:
+    """The encoded training text: train_text, or the corpus sources concatenated (each cached per tokenizer)."""
+    if uc.train_text:
+        return encode_corpus(tokenizer, Path(uc.train_text).read_text(encoding="utf-8"))
+    return torch.cat([_source_ids(tokenizer, name) for name in uc.sources])
+
+
+def _source_ids(tokenizer: Tokenizer, name: str) -> Tensor:
+    shared = cache_dir() / "uptrain" / f"{name}-{tokenizer.fingerprint[:16]}.pt"
+    if shared.exists():
+        return encode_corpus(tokenizer, read_source(name), shared)
+    own = shared.with_name(f"{shared.stem}-{os.getpid()}.pt")  # concurrent runs each write their own, then rename
+    ids = encode_corpus(tokenizer, read_source(name), own)
+    os.replace(own, shared)
+    return ids
+
+
+class Run:
+    """One resumable uptraining run in directory `out`."""
+
+    def __init__(self, uc: UptrainConfig, out: Path, deadline: float = math.inf) -> None:
+        self.uc, self.out, self.deadline = uc, out, deadline
+        self.teacher_dir = resolve_model(uc.teacher)
+        self.teacher = load_model(self.teacher_dir).requires_grad_(False)
+        self.cfg = student_config(self.teacher.config, uc, teacher_reference(uc.teacher))
+        if uc.seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"seq_len {uc.seq_len} exceeds the teacher's max_seq_len {self.cfg.max_seq_len}")
+        self.student = build_student(self.teacher, self.cfg, uc.seed)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.tokenizer = Tokenizer.from_file(self.teacher_dir / "tokenizer.json")
+        self.gen = torch.Generator().manual_seed(uc.seed)
+        self.stage, self.step = 1, 0
+        self.opt = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        lr = self.uc.lr1 if self.stage == 1 else self.uc.lr2
+        return torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=self.uc.weight_decay)
+
+    def steps(self, stage: int) -> int:
+        return self.uc.stage1_steps if stage == 1 else self.uc.stage2_steps
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        state = {"ssm": trainable_state(self.student), "optimizer": self.opt.state_dict(), "stage": self.stage,
+                 "step": self.step, "torch_rng": torch.get_rng_state(), "data_rng": self.gen.get_state(),
+                 "config": dataclasses.asdict(self.uc)}
+        tmp = self.out / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / STATE_FILE)
+
+    def load_state(self) -> None:
+        state = torch.load(self.out / STATE_FILE, map_location="cpu", weights_only=False)
+        saved = {**dataclasses.asdict(UptrainConfig()), **state["config"]}  # fields added since take their defaults
+        differ = [k for k, v in dataclasses.asdict(self.uc).items() if saved[k] != v and k not in RESCHEDULABLE]
+        if differ:
+            raise ValueError(f"{self.out} was written with a different uptrain config ({', '.join(differ)}); "
+                             "use another --out directory")
+        self.student.load_state_dict(state["ssm"], strict=False)
+        self.stage, self.step = int(state["stage"]), int(state["step"])
+        self.opt = self._optimizer()
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.gen.set_state(state["data_rng"])
+        log = self.out / LOG_FILE
+        if log.exists():  # drop what was logged after the checkpoint
+            keep = [ln for ln in log.read_text().splitlines()
+                    if ln.strip() and (json.loads(ln)["stage"], json.loads(ln)["step"]) <= (self.stage, self.step)]
+            log.write_text("".join(ln + "\n" for ln in keep))
+
+    def export(self) -> None:
+        """Write the student as a delta checkpoint (SSM tensors in bf16) over the teacher."""
+        save_checkpoint(self.student, self.out, self.teacher_dir / "tokenizer.json", dtype=torch.bfloat16,
+                        only=set(trainable_state(self.student)))
+
+    # ---- training ------------------------------------------------------------------------------------
+    def train(self) -> bool:
+        """Run the remaining steps of both stages; False when stopped by the deadline (state saved)."""
+        stream: Iterator[Tensor] = batches(train_ids(self.tokenizer, self.uc), self.uc.batch_size, self.uc.seq_len,
+                                           self.gen)
+        self.student.train()
+        with open(self.out / LOG_FILE, "a") as log:
+            while True:
+                if not self._stage(stream, log):
+                    return False
+                self.export()
+                if self.stage == STAGES[-1]:  # stays at its end: a resume with more stage-2 steps continues it
+                    self.save_state()
+                    return True
+                self.stage, self.step = self.stage + 1, 0
+                self.opt = self._optimizer()
+                self.save_state()
+
+    def _stage(self, stream: Iterator[Tensor], log) -> bool:
+        uc, total = self.uc, self.steps(self.stage)
+        peak = uc.lr1 if self.stage == 1 else uc.lr2
+        bar = tqdm(total=total, initial=self.step, desc=f"stage {self.stage}", unit="step", mininterval=2.0,
+                   dynamic_ncols=True)
+        while self.step < total:
+            lr = lr_at(self.step, total, peak, uc.warmup_steps)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            batch = next(stream)
+            record: dict = {"stage": self.stage, "step": self.step + 1, "lr": lr}
+            if self.stage == 1:
+                loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
+            else:
+                loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch, uc.ce_weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, uc.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            record.update(loss=loss.item(), tok_s=round(batch[:, :-1].numel() / (time.time() - t0), 1))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            bar.update()
+            out_of_time = time.time() > self.deadline
+            if self.step % uc.ckpt_interval == 0 or out_of_time:
+                self.save_state()
+            if out_of_time and self.step < total:
+                bar.close()
+                self.export()
+                return False
+        bar.close()
+        return True
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="run directory (train_state.pt, log.jsonl, the exported student)")
+    parser.add_argument("--config", help="JSON object of uptrain settings (the flags below override it)")
+    parser.add_argument("--resume", choices=["auto"], help="auto: continue from OUT/train_state.pt if it exists")
+    parser.add_argument("--max-minutes", type=float, help="checkpoint, export and exit after this much wall-clock time")
+    for f in dataclasses.fields(UptrainConfig):
+        kind = str if f.name in ("teacher", "train_text") else type(f.default)
+        parser.add_argument(_flag(f.name), type=kind, default=None, help=f"(default {f.default})")
+
+
+def load_uptrain_config(args: argparse.Namespace) -> UptrainConfig:
+    """Defaults, then the --config file, then the flags given."""
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        names = {f.name for f in dataclasses.fields(UptrainConfig)}
+        if not isinstance(values, dict) or set(values) - names:
+            raise ValueError(f"{path}: expected an object of uptrain settings; unknown: {sorted(set(values) - names)}")
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(UptrainConfig)
+                   if getattr(args, f.name) is not None})
+    try:
+        return UptrainConfig(**values)
+    except TypeError as exc:
+        raise ValueError(f"uptrain config: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.time()
+    uc = load_uptrain_config(args)
+    out = Path(args.out)
+    if (out / STATE_FILE).exists() and args.resume != "auto":
+        raise ValueError(f"{out} already holds an uptraining run; pass --resume auto or choose another --out")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ValueError("--max-minutes must be positive")
+    torch.set_num_threads(uc.threads)
+    deadline = math.inf if args.max_minutes is None else started + args.max_minutes * 60
+    job = Run(uc, out, deadline)
+    if (out / STATE_FILE).exists():
+        job.load_state()
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LOG_FILE).write_text("")
+    (out / "uptrain_config.json").write_text(json.dumps(dataclasses.asdict(uc), indent=2) + "\n")
+    if not job.train():
+        print(f"time budget reached; state saved in {out / STATE_FILE} and the student so far exported "
+              "(continue with --resume auto)", file=sys.stderr)
+        return 0
+    print(f"done: the student is exported to {out} (a delta over {job.cfg.base_model})", file=sys.stderr)
+    return 0

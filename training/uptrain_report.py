@@ -1,0 +1,172 @@
+"""The uptraining measurements of docs/uptrain.md: perplexity, cache bytes and samples of a teacher,
+its uptrained Attamba students and two untrained controls per chunk size P:
+  zero-SSM  the teacher restricted to the Attamba pattern (the student before training)
+  sliding   the teacher with a sliding window whose cache, at the evaluation length, holds at least
+            the student's bytes (window ring plus SSM and conv states)
+
+    python -m training.uptrain_report --runs runs/uptrain-p8 ... --out docs/uptrain.json --plot docs/uptrain.png
+
+Rows already in --out (same evaluation settings; for a student, the same training log) are kept, so a
+report can be refreshed as students train; a run without an exported student yet has only its control rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from models.config import ModelConfig
+from models.kv_spec import CacheSpec
+from models.lm import LM
+from models.loading import load_model
+from models.registry import resolve_model
+from models.state import decode_step, prefill
+from models.tokenizer import Tokenizer
+
+from .data import read_split
+from .evaluate import evaluate_ppl
+from .uptrain import UptrainConfig, build_student, student_config
+
+PROMPTS = (
+    "The history of the Roman Empire",
+    "Question: What is the capital of France?\nAnswer:",
+    "In 2010, the band released their second album,",
+)
+LENGTHS = (4096, 8192)
+
+
+def cache_bytes(cfg: ModelConfig, n: int) -> int:
+    """One sequence's cache at n tokens: fp16 K/V and conv states, fp32 SSM states."""
+    return CacheSpec.from_config(cfg).seq_bytes(n, torch.float16)
+
+
+def equal_cache_window(teacher: ModelConfig, student: ModelConfig, n: int) -> int:
+    """The smallest sliding window whose cache at n tokens holds at least the student's bytes."""
+    target, w = cache_bytes(student, n), 1
+    while cache_bytes(teacher.replace(kind="sliding", sliding_window=w), n) < target:
+        w += 1
+    return w
+
+
+def with_teacher_weights(teacher: LM, cfg: ModelConfig) -> LM:
+    """A model of config cfg holding the teacher's weights (the kinds without SSMs)."""
+    model = LM(cfg)
+    model.load_state_dict(teacher.state_dict())
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy(model: LM, tokenizer: Tokenizer, prompt: str, n: int) -> str:
+    """n greedy tokens after prompt through the cached decode path."""
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    logits, state = prefill(model, ids)
+    out = [int(logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        logits, state = decode_step(model, torch.tensor(out[-1:]), state)
+        out.append(int(logits[0].argmax()))
+    return tokenizer.decode(out)
+
+
+def measure(name: str, model: LM, tokenizer: Tokenizer, text: str, args: argparse.Namespace, **extra) -> dict:
+    t0 = time.time()
+    ppl = evaluate_ppl(model, tokenizer, text, args.seq_len, args.batch_size, args.eval_tokens)
+    row = {"name": name, "kind": model.config.kind, "token_ppl": ppl["token_ppl"], "word_ppl": ppl["word_ppl"],
+           "tokens": ppl["tokens"], **extra,
+           "cache_bytes": {str(n): cache_bytes(model.config, n) for n in (args.seq_len, *LENGTHS)},
+           "samples": [greedy(model, tokenizer, p, args.sample_tokens) for p in PROMPTS]}
+    print(f"{name}: token ppl {row['token_ppl']:.2f} ({time.time() - t0:.0f} s)", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="uptrain run directories (exported students)")
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--seq-len", type=int, default=512, help="evaluation windows (non-overlapping)")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="predicted tokens: a prefix of the test split")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sample-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    teacher_dir = resolve_model(args.teacher)
+    teacher = load_model(teacher_dir)
+    tokenizer = Tokenizer.from_file(teacher_dir / "tokenizer.json")
+    text = read_split("test")
+    report = {"teacher": args.teacher, "split": "test", "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
+              "windows": "non-overlapping, a prefix of the test split", "prompts": list(PROMPTS), "rows": []}
+    kept = {}
+    if args.out.is_file():
+        old = json.loads(args.out.read_text())
+        if all(old.get(k) == v for k, v in report.items() if k != "rows"):
+            kept = {r["name"]: r for r in old["rows"]}
+
+    def add(name: str, build, **extra) -> None:
+        row = kept.get(name)
+        if row is None or row.get("trained") != extra.get("trained"):  # a student trained further is measured again
+            row = measure(name, build(), tokenizer, text, args, **extra)
+        report["rows"].append(row)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    add("teacher", lambda: teacher, P=None)
+    for run in map(Path, args.runs):
+        uc = UptrainConfig(**json.loads((run / "uptrain_config.json").read_text()))
+        cfg = student_config(teacher.config, uc, args.teacher)
+        if (run / "model.safetensors").is_file():
+            log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+            trained = {f"stage{s}_steps": sum(r["stage"] == s for r in log) for s in (1, 2)}
+            trained["tokens"] = len(log) * uc.batch_size * uc.seq_len
+            add(f"attamba P={uc.chunk_size}", lambda: load_model(run), P=uc.chunk_size, trained=trained)
+        add(f"zero-SSM P={uc.chunk_size}", lambda: build_student(teacher, cfg, uc.seed).eval(), P=uc.chunk_size)
+        w = equal_cache_window(teacher.config, cfg, args.seq_len)
+        add(f"sliding W={w} (= P={uc.chunk_size} cache)",
+            lambda: with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w)),
+            P=uc.chunk_size, window=w)
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    """Perplexity against cache bytes at the evaluation length, one marker per row type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    n = str(report["seq_len"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"teacher": ("k", "*"), "attamba": ("tab:blue", "o"), "zero-SSM": ("tab:gray", "x"),
+              "sliding": ("tab:red", "s")}
+    for key, (color, marker) in styles.items():
+        rows = [r for r in report["rows"] if r["name"].startswith(key)]
+        if rows:
+            ax.scatter([r["cache_bytes"][n] / 2**20 for r in rows], [r["token_ppl"] for r in rows], c=color,
+                       marker=marker, label=key, s=60)
+            for r in rows:
+                if r["P"]:
+                    ax.annotate(f"P={r['P']}", (r["cache_bytes"][n] / 2**20, r["token_ppl"]), fontsize=8,
+                                textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel(f"cache per sequence at {n} tokens (MiB, fp16 K/V, fp32 SSM state)")
+    ax.set_ylabel("WikiText-2 test token perplexity")
+    ax.set_title(f"SmolLM2-135M uptrained to Attamba (L=8): first {report['eval_tokens']} test tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
