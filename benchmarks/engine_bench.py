@@ -67,23 +67,26 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
         engine.scheduler.running.append(seq)
         engine.requests[seq.request_id] = [seq]
         if W:
-            pos = torch.arange(ctx - W, ctx)
+            pos = torch.arange(ctx - W, ctx, device=engine.device)
             engine.runner.win_pos[seq.slot, pos % W] = pos
 
 
-def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int | None = None) -> LLMEngine:
-    """An engine whose cache holds exactly `batch` sequences of `tokens` tokens (plus a block each)."""
+def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int | None = None,
+                 device: str = "cpu") -> LLMEngine:
+    """An engine whose cache holds exactly `batch` sequences of `tokens` tokens (plus a block each),
+    prefix caching off (the decode benchmarks fill contexts synthetically)."""
     args = EngineArgs(dtype=dtype)
     layout = CacheLayout.for_model(ModelConfig.load(path), args.block_size, args.torch_dtype)
     per_seq = layout.slot_bytes + (layout.blocks(tokens) + 1) * layout.block_bytes
     return LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
                                 cache_memory=batch * per_seq, max_model_len=tokens + 8, dtype=dtype,
-                                threads=threads or torch.get_num_threads()))
+                                threads=threads or torch.get_num_threads(), device=device,
+                                enable_prefix_caching=False))  # _fill places sequences by hand
 
 
-def _engine(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> LLMEngine:
+def filled_engine(path: Path, batch: int, ctx: int, steps: int, dtype: str, device: str = "cpu") -> LLMEngine:
     """An engine holding `batch` running sequences of `ctx` cached tokens, warmed up by one step."""
-    engine = sized_engine(path, batch, ctx + steps + 1, dtype)
+    engine = sized_engine(path, batch, ctx + steps + 1, dtype, device=device)
     _fill(engine, batch, ctx, steps)
     engine.step()
     return engine
@@ -91,7 +94,7 @@ def _engine(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> LLMEngi
 
 def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
     """Decode tokens/s of this engine at a batch and context."""
-    engine = _engine(path, batch, ctx, steps, dtype)
+    engine = filled_engine(path, batch, ctx, steps, dtype)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -103,7 +106,7 @@ def decode_step_ops(path: Path, ctx: int = 1024) -> dict:
     top-level ones (those Python called, not the ops they decompose into)."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = _engine(path, 1, ctx, 4, "float32")
+    engine = filled_engine(path, 1, ctx, 4, "float32")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.step()
     ops = [e for e in prof.events() if e.name.startswith("aten::")]

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from engine import EngineArgs, LLMEngine
 from engine.cache_manager import CacheLayout
 from engine.config import parse_bytes
 from models import ModelConfig
 
-from .engine_bench import _fill
+from .engine_bench import engine_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = [ROOT / "checkpoints" / "attamba-wt2", ROOT / "checkpoints" / "transformer-wt2"]
@@ -28,19 +26,6 @@ CHECKPOINTS = [ROOT / "checkpoints" / "attamba-wt2", ROOT / "checkpoints" / "tra
 def seq_bytes(layout: CacheLayout, context: int) -> int:
     """What the allocator reserves for one sequence of `context` tokens: its slot and its blocks."""
     return layout.slot_bytes + layout.blocks(context) * layout.block_bytes
-
-
-def decode_tok_s(path: Path, batch: int, context: int, steps: int, layout: CacheLayout) -> float:
-    """Decode tokens/s of one engine running `batch` sequences of `context` tokens."""
-    per_seq = seq_bytes(layout, context + steps + 1) + layout.block_bytes
-    engine = LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
-                                  cache_memory=batch * per_seq, max_model_len=context + steps + 8))
-    _fill(engine, batch, context, steps)
-    engine.step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    return batch * steps / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -58,7 +43,7 @@ def main() -> int:
         per_seq = seq_bytes(layout, args.context)
         fit = args.budget // per_seq
         batch = max(1, min(fit, args.max_batch))
-        tok_s = decode_tok_s(path, batch, args.context, args.steps, layout)
+        tok_s = engine_decode(path, batch, args.context, args.steps, "float32")
         print(json.dumps({
             "checkpoint": path.name, "context": args.context, "threads": args.threads,
             "seq_bytes_fp32": per_seq, "seq_bytes_bf16": seq_bytes(CacheLayout.for_model(cfg, 16, torch.bfloat16),

@@ -118,45 +118,18 @@ def bench_per_token(batch: int, dtype: torch.dtype, peak: float | None) -> list[
     ]
 
 
-def _fill(engine, batch: int, context: int, steps: int) -> None:
-    """`batch` running sequences with `context` cached tokens (zero cache contents), ready to decode."""
-    from engine.sampling_params import SamplingParams
-    from engine.sequence import Sequence, SeqStatus
-
-    W = engine.runner.spec.window_slots
-    for i in range(batch):
-        seq = Sequence(f"fill{i}", 0, [5] * context, SamplingParams(max_tokens=steps + 2, ignore_eos=True), steps + 2,
-                       engine.tokenizer.incremental_decoder())
-        engine.cache.allocate(seq, context + steps + 1)
-        seq.num_computed, seq.output_ids, seq.status = context, [7], SeqStatus.RUNNING
-        engine.scheduler.running.append(seq)
-        engine.requests[seq.request_id] = [seq]
-        if W:
-            pos = torch.arange(context - W, context, device=engine.device)
-            engine.runner.win_pos[seq.slot, pos % W] = pos
-
-
 def decode_steps(batches: list[int], context: int, steps: int, dtype: str) -> list[dict]:
     """Engine decode tokens/s on CUDA at the paper's dims (random weights), kernels vs the PyTorch path."""
-    from engine import EngineArgs, LLMEngine
-    from engine.cache_manager import CacheLayout
-
-    from .engine_bench import _checkpoint
+    from .engine_bench import _checkpoint, filled_engine
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = _checkpoint(Path(tmp), "attamba")
-        layout = CacheLayout.for_model(paper_config("attamba"), 16, EngineArgs(dtype=dtype).torch_dtype)
         for batch in batches:
-            per_seq = layout.slot_bytes + (layout.blocks(context + steps + 1) + 1) * layout.block_bytes
             row = dict(batch=batch, context=context, steps=steps)
             for name in ("torch", "triton"):
                 with kernels.backend(name):
-                    engine = LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, device="cuda", dtype=dtype,
-                                                  max_num_batched_tokens=max(512, batch), cache_memory=batch * per_seq,
-                                                  max_model_len=context + steps + 8))
-                    _fill(engine, batch, context, steps)
-                    engine.step()  # warm-up (and the kernels' compilation)
+                    engine = filled_engine(path, batch, context, steps, dtype, device="cuda")  # warmed up, compiled
                     torch.cuda.synchronize()
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
