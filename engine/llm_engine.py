@@ -76,10 +76,6 @@ class LLMEngine:
         """Validate a request once (ValueError / ContextLengthExceeded when it can never run)."""
         return self.inputs.prepare(prompt, params)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ContextLengthExceeded (a ValueError) for a request that can never run."""
-        self.inputs.prepare(prompt_ids, params)
-
     def add_request(self, request_id: str, prompt: str | list[int] | PreparedRequest,
                     params: SamplingParams | None = None) -> list[Sequence]:
         """Queue a request (params.n sequences); a raw prompt is validated first (ValueError before

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels import store_kv
 from kernels._triton import use_triton
 from models.attention import block_attention
 from models.lm import LM, LayerSSMState
@@ -39,15 +40,15 @@ class ModelRunner:
         self.block_size = bs
         self.k_pool = torch.zeros(L, num_blocks, bs, Hkv, D, **kv)
         self.v_pool = torch.zeros_like(self.k_pool)
-        S = num_slots if W or cfg.has_ssm else 0
-        self.win_k = torch.zeros(L, S if W else 0, W, Hkv, D, **kv)
+        S = num_slots if W else 0  # ring slots: none without a window
+        self.win_k = torch.zeros(L, S, W, Hkv, D, **kv)
         self.win_v = torch.zeros_like(self.win_k)
-        self.win_pos = torch.full((S if W else 0, W), -1, dtype=torch.long, device=device)
+        self.win_pos = torch.full((S, W), -1, dtype=torch.long, device=device)
         self.ssm = self.conv = None
         if cfg.has_ssm:
             hd = cfg.ssm_inner // cfg.ssm_heads
-            self.ssm = torch.zeros(L, 2, S, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
-            self.conv = torch.zeros(L, 2, S, cfg.conv_channels, cfg.conv_width - 1, **kv)
+            self.ssm = torch.zeros(L, 2, num_slots, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
+            self.conv = torch.zeros(L, 2, num_slots, cfg.conv_channels, cfg.conv_width - 1, **kv)
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)
@@ -136,8 +137,8 @@ class ModelRunner:
         hidden, new_states = self.model.extend(ids, starts, states, last, attend)
         if new_states is not None:
             self._store_ssm(slots, new_states)
-        for seq, n in work:
-            if W:
+        if W:
+            for seq, n in work:
                 p0 = seq.num_computed
                 recent = torch.arange(max(p0, p0 + n - W), p0 + n, device=dev)
                 self.win_pos[seq.slot, recent % W] = recent
@@ -171,12 +172,10 @@ class ModelRunner:
                               spec.window)
         new_bnd = bnd[p0:]  # store the new boundary entries and the newest W positions
         dst = flat(len(ctx_pos) + torch.arange(int(new_bnd.sum()), device=dev))
-        cache.k_flat[dst] = k[0, new_bnd].to(cache.k_flat.dtype)
-        cache.v_flat[dst] = v[0, new_bnd].to(cache.v_flat.dtype)
+        store_kv(k[0, new_bnd], v[0, new_bnd], cache.k_flat, cache.v_flat, dst)
         if W:
             recent = pos[-W:]
-            cache.win_k[seq.slot, recent % W] = k[0, -W:].to(cache.win_k.dtype)
-            cache.win_v[seq.slot, recent % W] = v[0, -W:].to(cache.win_v.dtype)
+            store_kv(k[0, -W:], v[0, -W:], cache.win_k_flat, cache.win_v_flat, seq.slot * W + recent % W)
         return out
 
     # ---- one scheduled batch ---------------------------------------------------------------------------

@@ -118,10 +118,6 @@ class CacheSpec:
     def window(self) -> int:
         return self.layers[0].window
 
-    @property
-    def has_ssm(self) -> bool:
-        return self.ssm_state_elems > 0
-
     @cached_property
     def _offsets_cpu(self) -> Tensor:
         return torch.tensor([spec.offset for spec in self.layers])

@@ -69,7 +69,6 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.spec = CacheSpec.from_config(cfg).layers[layer]
-        self.offset = cfg.layer_offset(layer)
         self.wq = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
         if cfg.has_ssm:
             args = (cfg.d_model, cfg.ssm_inner, cfg.ssm_state, cfg.ssm_heads, cfg.conv_width, cfg.norm_eps)
@@ -88,10 +87,6 @@ class Attention(nn.Module):
         if self.cfg.has_ssm:
             self.ssm_k.reset_parameters()
             self.ssm_v.reset_parameters()
-
-    def key_is_boundary(self, pos: Tensor) -> Tensor:
-        """Which key positions stay visible to every later query (B_l; all or none for baselines)."""
-        return self.spec.is_boundary(pos)
 
     def pack(self) -> None:
         """Pack the decode weights (no copy is kept: the parameters become views)."""
@@ -159,8 +154,8 @@ class Attention(nn.Module):
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
             P = self.cfg.chunk_size
-            k, sk = self.ssm_k(u, pos, P, self.offset, state.k if state else None, last, mamba)
-            v, sv = self.ssm_v(u, pos, P, self.offset, state.v if state else None, last, mamba)
+            k, sk = self.ssm_k(u, pos, P, self.spec.offset, state.k if state else None, last, mamba)
+            v, sv = self.ssm_v(u, pos, P, self.spec.offset, state.v if state else None, last, mamba)
             k, v = self._heads(k + self._skip_k(u), True), self._heads(v + self._skip_v(u), True)
             new_state = LayerSSMState(sk, sv) if last is not None else None
         else:
@@ -174,7 +169,7 @@ class Attention(nn.Module):
         theta = self.cfg.rope_theta
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
-            reset = chunk_start(pos, self.cfg.chunk_size, self.offset)
+            reset = chunk_start(pos, self.cfg.chunk_size, self.spec.offset)
             k, sk = self.ssm_k.step(u, reset, state.k)
             v, sv = self.ssm_v.step(u, reset, state.v)
             k, v = self._heads(k + self._skip_k(u), True), self._heads(v + self._skip_v(u), True)
