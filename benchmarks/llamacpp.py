@@ -3,16 +3,19 @@
 - `write_gguf(source, path, dtype="f16")` writes a llama-architecture GGUF of a transformer-kind model
   (a ModelConfig with random weights, an LM, or a checkpoint directory) with the `gguf` package:
   llama.cpp's tensor names and metadata, Wq / Wk rows permuted to its interleaved rotary layout, and a
-  tokenizer (a minimal byte-level BPE one, or the tokenizer of an existing GGUF via `vocab_from`).
+  tokenizer (a minimal byte-level BPE one, or via `vocab_from` the tokenizer of an existing GGUF or a
+  byte-level BPE `tokenizer.json`, e.g. the checkpoint's own, so llama.cpp's text is the model's).
 - `llamacpp_logits(path, ids)` the logits of every position of one sequence (to check a conversion).
 - `llamacpp_decode(path, context, steps, threads, batch)` prefill tok/s, TTFT and decode tok/s after
   `context` tokens, flash attention on, through llama.cpp's C API (llama-cpp-python's low-level binding);
   batch > 1 decodes parallel sequences (one KV stream each) in one llama_decode per step.
   `llamacpp_decode_batches` does several batch sizes after one prefill.
-A GGUF's context_length is the model's max_seq_len; llama.cpp only warns when asked for more (RoPE is unscaled).
+A GGUF's context_length is the model's max_seq_len unless given; llama.cpp only warns when asked for more
+(RoPE is unscaled), but llama-server caps its slots to it.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -76,6 +79,30 @@ def _copy_vocab(writer, gguf_path: str | Path, vocab_size: int) -> None:
             writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if array else None)
 
 
+def _vocab_from_tokenizer_json(writer, path: str | Path, vocab_size: int, eos_token_id: int | None) -> None:
+    """The vocabulary of a Hugging Face byte-level BPE tokenizer.json (GPT-2 style, as ours), its special tokens
+    as control tokens and `eos_token_id` as BOS and EOS (no BOS added)."""
+    spec = json.loads(Path(path).read_text())
+    model = spec["model"]
+    if model.get("type") != "BPE" or (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{path}: only byte-level BPE tokenizers convert to a GGUF vocabulary")
+    vocab = model["vocab"]
+    if len(vocab) != vocab_size or sorted(vocab.values()) != list(range(vocab_size)):
+        raise ValueError(f"{path} has {len(vocab)} tokens, the model's vocabulary has {vocab_size}")
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which the ByteLevel pre-tokenizer uses
+    writer.add_token_list(tokens)
+    writer.add_token_types([_CONTROL if i in special else _NORMAL for i in range(vocab_size)])
+    # tokenizers writes merges as "a b" (older files) or ["a", "b"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    eos = eos_token_id if eos_token_id is not None else min(special, default=0)
+    writer.add_bos_token_id(eos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(False)
+
+
 def _source_model(source: ModelConfig | LM | str | Path) -> LM:
     if isinstance(source, ModelConfig):
         return build_model(source, seed=0)
@@ -86,13 +113,15 @@ def _source_model(source: ModelConfig | LM | str | Path) -> LM:
 
 @torch.no_grad()
 def write_gguf(source: ModelConfig | LM | str | Path, path: str | Path, dtype: str = "f16",
-               vocab_from: str | Path | None = None) -> Path:
+               vocab_from: str | Path | None = None, context_length: int | None = None) -> Path:
     """Write a llama-architecture GGUF of a transformer-kind model; returns `path`.
 
     source: a ModelConfig (random weights, seed 0), an LM, or a checkpoint directory.
     dtype: "f16" or "f32" for the matrices and the embedding (norm weights stay f32, as llama.cpp's converter does).
-    vocab_from: copy the tokenizer of this GGUF (same vocabulary size); default, a minimal byte-level BPE
-    tokenizer that llama.cpp loads (for benchmarks fed token ids).
+    vocab_from: copy the tokenizer of this GGUF, or convert this byte-level BPE tokenizer.json (same vocabulary
+    size); default, a minimal byte-level BPE tokenizer that llama.cpp loads (for benchmarks fed token ids).
+    context_length: the training context llama.cpp reads (it caps a server slot's context to it); default, the
+    model's max_seq_len.
     """
     from gguf import GGUFWriter, LlamaFileType
 
@@ -108,7 +137,7 @@ def write_gguf(source: ModelConfig | LM | str | Path, path: str | Path, dtype: s
     writer.add_name(f"attamba-serve transformer d{cfg.d_model} x{cfg.n_layers}")
     writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
     writer.add_block_count(cfg.n_layers)
-    writer.add_context_length(cfg.max_seq_len)
+    writer.add_context_length(context_length or cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
     writer.add_feed_forward_length(cfg.ffn_dim)
     writer.add_head_count(cfg.n_heads)
@@ -119,6 +148,8 @@ def write_gguf(source: ModelConfig | LM | str | Path, path: str | Path, dtype: s
     writer.add_vocab_size(cfg.vocab_size)
     if vocab_from is None:
         _minimal_vocab(writer, cfg.vocab_size)
+    elif str(vocab_from).endswith(".json"):
+        _vocab_from_tokenizer_json(writer, vocab_from, cfg.vocab_size, cfg.eos_token_id)
     else:
         _copy_vocab(writer, vocab_from, cfg.vocab_size)
     np_dtype = np.float16 if dtype == "f16" else np.float32

@@ -1,5 +1,8 @@
 """Continuous batching: FCFS admission by free cache, chunked prefill under a token budget mixed
-with decodes, and preemption by recompute when the pools run out. With prefix caching a waiting
+with decodes, and preemption by recompute when the pools run out. A sequence is admitted only when
+its whole prompt fits (so a long prompt admitted on its first chunk cannot later evict the others,
+or itself, half-way through: recompute thrash), and not in a step that had to preempt (as vLLM:
+the freed room is for the running ones). With prefix caching a waiting
 sequence resumes after its longest cached prefix, and prefill chunks end where a state snapshot
 is saved. The scheduler owns each sequence's progress (advance, finish, preempt) and never
 touches tensors."""
@@ -48,6 +51,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
+        preemptions = self.num_preemptions
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -59,13 +63,14 @@ class Scheduler:
             self._schedule(batch, seq, n)
             scheduled.add(seq.seq_id)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.num_preemptions == preemptions):
             seq = self.waiting[0]
             hit = self.cache.lookup(seq)
             if hit is None:
                 break  # its next block is being computed: wait for it rather than compute it twice
             n = hit.chunk(min(seq.num_tokens - hit.num_tokens, budget))
-            if not self.cache.can_admit(seq, hit, hit.num_tokens + n):
+            if not self.cache.can_admit(seq, hit, seq.num_tokens):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             load = self.cache.admit(seq, hit)

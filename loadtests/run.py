@@ -11,38 +11,15 @@ import csv
 import json
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
+from servers import attamba_command, free_port, metrics, running
+
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with status {server.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the server was not healthy within {timeout_s:g} s")
-        time.sleep(0.2)
 
 
 def _rss_mib(pid: int) -> float:
@@ -64,13 +41,6 @@ def _sample_rss(pid: int, every_s: float, path: Path, stop: threading.Event) -> 
                 return
 
 
-def _metric(url: str, name: str) -> float:
-    """One unlabelled-or-summed sample of a Prometheus metric from /metrics."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=8, help="concurrent users (default: %(default)s)")
@@ -84,15 +54,12 @@ def main() -> int:
     parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then `attamba serve` arguments")
     args = parser.parse_args()
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
-    port = args.port or _free_port()
+    port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "server.log", "w") as server_log:
-        server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
-                                   str(port), *serve_args], stdout=server_log, stderr=subprocess.STDOUT)
+    with running(attamba_command(port, serve_args), url, args.out / "server.log", timeout_s=120) as server:
         stop = threading.Event()
         try:
-            _wait_healthy(server, url, timeout_s=120)
             if args.rss_every:
                 threading.Thread(target=_sample_rss, args=(server.pid, args.rss_every, args.out / "rss.csv", stop),
                                  daemon=True).start()
@@ -102,7 +69,8 @@ def main() -> int:
                        "--only-summary", "--stop-timeout", "10", *shlex.split(args.locust_args)]
             status = subprocess.run(command, timeout=args.seconds + 120).returncode
             time.sleep(2)  # the last streams end and free their cache
-            after = {name: _metric(url, name) for name in (
+            now = metrics(url)
+            after = {name: now.get(name, 0.0) for name in (
                 "attamba_cache_bytes_used", "attamba_num_requests_running", "attamba_num_requests_waiting")}
             (args.out / "after.json").write_text(json.dumps(after, indent=2) + "\n")
             if any(after.values()):
@@ -110,12 +78,6 @@ def main() -> int:
                 status = status or 1
         finally:
             stop.set()
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
     print(f"reports in {args.out}/: locust_stats.csv, locust.json, after.json, server.log"
           + (", rss.csv" if args.rss_every else ""))
     return status

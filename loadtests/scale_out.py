@@ -13,16 +13,12 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+from servers import ROOT, attamba_command, free_port, running
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = (ROOT / "tests" / "data" / "wikitext_sample.txt").read_text()
 SETUPS = {
     "single": [],
@@ -31,12 +27,6 @@ SETUPS = {
     "ray-2": ["--replicas", "2", "--replica-cpus", "1"],
     "ray-2-prefix": ["--replicas", "2", "--replica-cpus", "1", "--router", "prefix"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompts(n: int, groups: int) -> list[str]:
@@ -87,34 +77,12 @@ async def load(url: str, texts: list[str], concurrency: int, max_tokens: int) ->
 def run_setup(name: str, serve_args: list[str], args: argparse.Namespace) -> dict[str, object]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warning",
-           *SETUPS[name], *serve_args]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"{name}: the server exited with status {server.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name}: not healthy within 300 s")
-            time.sleep(1)
+    command = attamba_command(port, ["--log-level", "warning", *SETUPS[name], *serve_args])
+    with running(command, url, env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}):
         texts = prompts(args.requests, args.groups)
         asyncio.run(load(url, texts[: args.concurrency], args.concurrency, 4))  # warm-up
         return {"setup": name, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                 **asyncio.run(load(url, texts, args.concurrency, args.max_tokens))}
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def main() -> int:

@@ -93,22 +93,23 @@ def test_engine_with_gqa_matches_forward_under_preemption(tmp_path: Path, tokeni
     path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, tie_embeddings=True)
     model = load_model(path)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 20, 41)]
+    prompts = [torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist() for n in (12, 20, 28)]
     layout = CacheLayout.for_model(model.config, 4, torch.float32)
+    # 12 blocks: the first two prompts fit together, and their decodes outgrow the cache
     llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, max_num_seqs=3,
-              cache_memory=layout.block_bytes * (layout.blocks(49) + 1))
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+              cache_memory=layout.block_bytes * (layout.blocks(44) + 1))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         ids = list(prompt)
         with torch.no_grad():
-            for _ in range(8):
+            for _ in range(16):
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert out.token_ids == ids[len(prompt):]
     assert llm.engine.scheduler.num_preemptions > 0
     engine = LLMEngine(EngineArgs(model=str(path), block_size=1))
     engine.add_request("a", prompts[2], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
-    assert engine.stats().cache_bytes_used == state_bytes(engine.config, 41, torch.float32)
+    assert engine.stats().cache_bytes_used == state_bytes(engine.config, len(prompts[2]), torch.float32)
 
 
 # ---- GGUF conversion ----------------------------------------------------------------------------------------

@@ -63,3 +63,26 @@ def test_bench_smollm2_flags() -> None:
     assert (args.out, args.batches, args.contexts, args.skip_hf) == (Path("bench-results"), [1, 8], [1024, 4096], True)
     with pytest.raises(SystemExit):
         parser.parse_args(["smollm2", "--threads", "0"])
+
+
+def test_checkpoint_tokenizer_json_becomes_llamacpp_vocab(tmp_path: Path) -> None:
+    """transformer-wt2 with its own tokenizer.json: llama.cpp splits and spells text as our tokenizer does."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    ckpt = Path(__file__).parents[1] / "checkpoints" / "transformer-wt2"
+    path = write_gguf(ckpt, tmp_path / "wt2.gguf", vocab_from=ckpt / "tokenizer.json")
+    ours = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    llm = Llama(str(path), vocab_only=True, verbose=False)
+    text = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building."
+    ids = ours.encode(text).ids
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    assert llm.detokenize(ids).decode() == ours.decode(ids)
+    assert llm.token_eos() == 0
+
+
+def test_tokenizer_json_must_match_the_vocabulary(tmp_path: Path) -> None:
+    cfg = ModelConfig(kind="transformer", vocab_size=512, d_model=64, n_layers=1, n_heads=2)
+    tokenizer = Path(__file__).parents[1] / "checkpoints" / "transformer-wt2" / "tokenizer.json"
+    with pytest.raises(ValueError, match="8192 tokens"):
+        write_gguf(cfg, tmp_path / "m.gguf", vocab_from=tokenizer)

@@ -65,9 +65,9 @@ def test_preemption_resumes_from_the_cache(ckpt_factory, kind: str) -> None:
     path = ckpt_factory(kind)
     system = tokens(30, 1)
     prompts = [system + tokens(3 + i, 10 + i) for i in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)  # decodes outgrow the cache
     layout = CacheLayout.for_model(LLM(str(path)).engine.config, 2, torch.float32)
-    budget = 3 * layout.slot_bytes + layout.block_bytes * (layout.blocks(48) + layout.snapshot_blocks + 2)
+    budget = 3 * layout.slot_bytes + layout.block_bytes * (layout.blocks(68) + layout.snapshot_blocks + 2)
     llm = LLM(str(path), block_size=2, max_num_batched_tokens=16, cache_memory=budget, max_num_seqs=3,
               prefix_snapshot_interval=2)
     assert [o.token_ids for o in llm.generate(prompts, params)] == reference(path, prompts, params)

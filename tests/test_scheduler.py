@@ -1,6 +1,8 @@
 """Scheduler and cache manager as units: admission order, preemption, budgets, no leaks."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,8 +17,9 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=4
                   ssm_inner=16, ssm_heads=2)
 
 
-def make_cache(num_blocks: int, num_slots: int, block_size: int = 2) -> CacheManager:
-    return CacheManager(CacheLayout.for_model(CFG, block_size, torch.float32), num_blocks, num_slots)
+def make_cache(num_blocks: int, num_slots: int, block_size: int = 2, kind: str = "attamba") -> CacheManager:
+    cfg = dataclasses.replace(CFG, kind=kind)
+    return CacheManager(CacheLayout.for_model(cfg, block_size, torch.float32), num_blocks, num_slots)
 
 
 def seq(n_prompt: int, name: str = "r") -> Sequence:
@@ -91,3 +94,35 @@ def test_cache_manager_never_leaks_or_double_allocates(ops) -> None:
     for s in seqs:
         cache.free(s)
     assert cache.all_free() and cache.used_bytes() == 0
+
+
+def test_a_prompt_is_admitted_only_when_all_of_it_fits() -> None:
+    cache = make_cache(num_blocks=6, num_slots=4, kind="transformer")  # 12 tokens
+    sched = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=10)
+    a, b = seq(8, "a"), seq(8, "b")
+    sched.add(a), sched.add(b)
+    batch = sched.schedule()
+    # b's first 2 tokens would fit beside a, its 8 would not: it waits instead of being admitted and evicted later
+    assert [(s.request_id, n) for s, n in batch.work] == [("a", 8)] and list(sched.waiting) == [b]
+    sched.advance(batch)
+    for _ in range(3):  # a grows to 11 tokens, 6 blocks: all the cache
+        sample(a)
+        sched.advance(sched.schedule())
+        assert list(sched.waiting) == [b]
+    sched.finish(a, "length")
+    assert [(s.request_id, n) for s, n in sched.schedule().work] == [("b", 8)]
+    assert sched.num_preemptions == 0
+
+
+def test_no_admission_in_a_step_that_preempted() -> None:
+    cache = make_cache(num_blocks=4, num_slots=4, kind="transformer")  # 8 tokens
+    sched = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = seq(4, "a"), seq(2, "b")
+    sched.add(a), sched.add(b)
+    sched.advance(sched.schedule())  # a: 2 blocks, b: 1 block
+    sample(a), sample(b)
+    sched.advance(sched.schedule())  # a 5 tokens (3 blocks), b 3 tokens (2 blocks): the cache is full
+    sample(a), sample(b)
+    batch = sched.schedule()  # a needs a 4th block: b is preempted, and not re-admitted in the same step
+    assert sched.num_preemptions == 1 and [s.request_id for s, _ in batch.work] == ["a"]
+    assert list(sched.waiting) == [b]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build llama.cpp's `llama-server` (parallel slots, continuous batching) from the llama.cpp source that the
+# llama-cpp-python sdist on PyPI vendors, hash-pinned; CPU only, native instructions. About 30 minutes on 2 cores.
+#   scripts/build_llama_server.sh [DEST]   (default build/llama.cpp; the binary ends up at DEST/llama-server)
+set -euo pipefail
+VERSION=0.3.36
+SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+PYTHON=${PYTHON:-python3}
+DEST=${1:-build/llama.cpp}
+SDIST=llama_cpp_python-$VERSION.tar.gz
+
+mkdir -p "$DEST"
+cd "$DEST"
+[ -f "$SDIST" ] || "$PYTHON" -m pip download -q --no-deps --no-binary :all: "llama_cpp_python==$VERSION" -d .
+echo "$SHA256  $SDIST" | sha256sum -c --quiet -
+[ -d "llama_cpp_python-$VERSION" ] || tar xzf "$SDIST"
+GENERATOR=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")
+cmake -S "llama_cpp_python-$VERSION/vendor/llama.cpp" -B cmake-build -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON >/dev/null
+cmake --build cmake-build --target llama-server -j "$(nproc)"
+ln -sf cmake-build/bin/llama-server llama-server
+echo "built $DEST/llama-server"
