@@ -43,7 +43,7 @@ def test_a_sweep_point_against_attamba_serve(tiny_ckpt: Path, tmp_path: Path) ->
         sweep.wait_idle(url, sweep.ATTAMBA_METRICS, timeout_s=30)  # the users cut at the end were aborted
         assert metrics(url)["attamba_cache_bytes_used"] == 0
     _check_point(point, 3)
-    assert point["preemptions"] == 0 and point["running_max"] >= 1
+    assert point["preemptions"] == 0  # read from the counter (llama.cpp has none: None)
 
 
 @pytest.mark.skipif(not Path(LLAMA_SERVER).is_file(), reason="no llama-server (make llama-server builds one)")
