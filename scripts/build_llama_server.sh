@@ -6,6 +6,7 @@ set -euo pipefail
 VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 PYTHON=${PYTHON:-python3}
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # we cd below
 DEST=${1:-build/llama.cpp}
 SDIST=llama_cpp_python-$VERSION.tar.gz
 
