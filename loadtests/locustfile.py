@@ -6,15 +6,16 @@
 (or `make loadtest`, which starts the server too). Lengths are drawn per request from
 `fixed:N`, `uniform:LOW:HIGH` or `normal:MEAN:SD` (clipped to >= 1); a prompt of N tokens is N
 words of WikiText-style text (about one token each for the shipped tokenizer), and the output
-length is forced with `max_tokens` and `ignore_eos`. With `--prompt-ids LOW:HIGH` a prompt is instead a list
-of N random token ids in [LOW, HIGH): exact lengths whatever the tokenizer, and the same requests for any
-OpenAI-compatible server of the same vocabulary (llama.cpp's accepts token-id prompts too). Besides the request itself, every stream
-records two custom events, request type "SSE": `time_to_first_token` (ms) and
-`inter_token_latency` (ms between text chunks, which hold one token each unless text was held
-back at a stop string or a split character), and, once a stream has ended with all of its `max_tokens`,
-`time_per_output_token` (ms: from the first to the last token over max_tokens - 1, vLLM's TPOT, which does not
-depend on how the server groups its writes), so the CSV and JSON reports carry their percentiles. A stream counts as failed unless it ends with `data: [DONE]`;
-429s count as failures too. Set ATTAMBA_API_KEY if the server has --api-key.
+length is forced with `max_tokens` and `ignore_eos`. With `--prompt-ids LOW:HIGH` a prompt is
+instead a list of N random token ids in [LOW, HIGH): exact lengths whatever the tokenizer, and the
+same requests for any OpenAI-compatible server of the same vocabulary (llama.cpp's accepts
+token-id prompts too). Besides the request itself, every stream records custom events, request
+type "SSE": `time_to_first_token` (ms), `inter_token_latency` (ms between text chunks, which hold
+one token each unless text was held back at a stop string or a split character) and, once a
+stream has ended with all of its `max_tokens`, `time_per_output_token` (ms from the first to the
+last token over max_tokens - 1: vLLM's TPOT, which does not depend on how the server groups its
+writes), so the CSV and JSON reports carry their percentiles. A stream counts as failed unless it
+ends with `data: [DONE]`; 429s count as failures too. Set ATTAMBA_API_KEY if the server has --api-key.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ class StreamingUser(HttpUser):
         if random.random() < self.environment.parsed_options.non_streaming_share:
             self.client.post("/v1/completions", json=self._body(False), name="completions")
             return
-        sent, body = time.perf_counter(), self._body(True)
+        body = self._body(True)
+        sent = time.perf_counter()
         with self.client.post("/v1/completions", json=body, name="completions [stream]", stream=True,
                               catch_response=True) as response:
             if response.status_code != 200:
