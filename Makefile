@@ -88,7 +88,7 @@ soak: install-dev
 	$(BIN)/python loadtests/run.py --users 16 --seconds 600 --rss-every 10 --out $(if $(filter command line,$(origin OUT)),$(OUT),soak-results) \
 		--locust-args "$(LOCUST_ARGS)" -- --model $(MODEL) $(ARGS)
 
-# llama.cpp's llama-server, built from the hash-pinned llama-cpp-python sdist (about 30 minutes on 2 cores).
+# llama.cpp's llama-server, built from the hash-pinned llama-cpp-python sdist (4 to 30 minutes on 2 cores).
 LLAMA_SERVER := build/llama.cpp/llama-server
 $(LLAMA_SERVER):
 	PYTHON=$(BIN)/python scripts/build_llama_server.sh build/llama.cpp

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build llama.cpp's `llama-server` (parallel slots, continuous batching) from the llama.cpp source that the
-# llama-cpp-python sdist on PyPI vendors, hash-pinned; CPU only, native instructions. About 30 minutes on 2 cores.
+# llama-cpp-python sdist on PyPI vendors, hash-pinned; CPU only, native instructions. 4 to 30 minutes on 2 cores (idle to busy).
 #   scripts/build_llama_server.sh [DEST]   (default build/llama.cpp; the binary ends up at DEST/llama-server)
 set -euo pipefail
 VERSION=0.3.36
