@@ -51,10 +51,10 @@ class ChatTemplate:
     def _header(self, role: str) -> str:
         return self.template.format(role=role, content=_CUT).split(_CUT)[0]
 
-    def render(self, messages: list[tuple[str, str]]) -> str:
-        """(role, content) pairs -> the prompt text that asks for the assistant's reply."""
+    def render(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+        """(role, content) pairs -> the prompt text (asking for the assistant's reply unless told not to)."""
         turns = "".join(self.template.format(role=role, content=content) for role, content in messages)
-        return turns + self.generation_prompt
+        return turns + self.generation_prompt if add_generation_prompt else turns
 
 
 class JinjaChatTemplate:

@@ -6,6 +6,9 @@ its uptrained Attamba students and two untrained controls per chunk size P:
 
     python -m training.uptrain_report --runs runs/uptrain-p8 ... --out docs/uptrain.json --plot docs/uptrain.png
 
+With --long-windows, --passkey-trials and --chat each row also gets the long-context measurements of
+training/long_eval.py (perplexity of positions 2k-4k, pass-key recall at 500/1k/2k tokens, the chat set).
+
 Rows already in --out (same evaluation settings; for a student, the same training log) are kept, so a
 report can be refreshed as students train; a run without an exported student yet has only its control rows.
 """
@@ -26,8 +29,11 @@ from models.registry import resolve_model
 from models.state import decode_step, prefill
 from models.tokenizer import Tokenizer
 
-from .data import read_split
+from server.chat import load_chat_template
+
+from .data import encode_corpus, read_split
 from .evaluate import evaluate_ppl
+from .long_eval import chat_accuracy, load_chat_set, long_ppl, passkey
 from .uptrain import UptrainConfig, build_student, student_config
 
 PROMPTS = (
@@ -35,7 +41,8 @@ PROMPTS = (
     "Question: What is the capital of France?\nAnswer:",
     "In 2010, the band released their second album,",
 )
-LENGTHS = (4096, 8192)
+LENGTHS = (1024, 4096, 8192)
+PASSKEY_FILLER = (500, 1000, 2000)
 
 
 def cache_bytes(cfg: ModelConfig, n: int) -> int:
@@ -78,6 +85,13 @@ def measure(name: str, model: LM, tokenizer: Tokenizer, text: str, args: argpars
            "tokens": ppl["tokens"], **extra,
            "cache_bytes": {str(n): cache_bytes(model.config, n) for n in (args.seq_len, *LENGTHS)},
            "samples": [greedy(model, tokenizer, p, args.sample_tokens) for p in PROMPTS]}
+    if args.long_windows:
+        row["long_ppl"] = long_ppl(model, encode_corpus(tokenizer, text), 4096, 2048, args.long_windows)
+    if args.passkey_trials:
+        row["passkey"] = [passkey(model, tokenizer, n, args.passkey_trials) for n in PASSKEY_FILLER]
+    if args.chat:
+        chat = load_chat_template(model.config, tokenizer)
+        row["chat"] = chat_accuracy(model, tokenizer, chat.render, load_chat_set(), stop_ids=tuple(chat.stop_token_ids))
     print(f"{name}: token ppl {row['token_ppl']:.2f} ({time.time() - t0:.0f} s)", flush=True)
     return row
 
@@ -85,12 +99,16 @@ def measure(name: str, model: LM, tokenizer: Tokenizer, text: str, args: argpars
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="uptrain run directories (exported students)")
+    parser.add_argument("--students", nargs="*", default=[], help="more student checkpoints (rows named by directory)")
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=512, help="evaluation windows (non-overlapping)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="predicted tokens: a prefix of the test split")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sample-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--long-windows", type=int, default=0, help="4k-token windows for positions 2k-4k (0: off)")
+    parser.add_argument("--passkey-trials", type=int, default=0, help="pass-key trials per filler length (0: off)")
+    parser.add_argument("--chat", action="store_true", help="score the chat set (training/chat_eval.json)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
@@ -100,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(teacher_dir / "tokenizer.json")
     text = read_split("test")
     report = {"teacher": args.teacher, "split": "test", "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
-              "windows": "non-overlapping, a prefix of the test split", "prompts": list(PROMPTS), "rows": []}
+              "windows": "non-overlapping, a prefix of the test split", "prompts": list(PROMPTS),
+              "long_windows": args.long_windows, "passkey_trials": args.passkey_trials, "chat": args.chat, "rows": []}
     kept = {}
     if args.out.is_file():
         old = json.loads(args.out.read_text())
@@ -115,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     add("teacher", lambda: teacher, P=None)
+    for path in map(Path, args.students):
+        add(path.name, lambda: load_model(path), P=ModelConfig.load(path).chunk_size)
     for run in map(Path, args.runs):
         uc = UptrainConfig(**json.loads((run / "uptrain_config.json").read_text()))
         cfg = student_config(teacher.config, uc, args.teacher)
@@ -122,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
             trained = {f"stage{s}_steps": sum(r["stage"] == s for r in log) for s in (1, 2)}
             trained["tokens"] = len(log) * uc.batch_size * uc.seq_len
-            add(f"attamba P={uc.chunk_size}", lambda: load_model(run), P=uc.chunk_size, trained=trained)
-        add(f"zero-SSM P={uc.chunk_size}", lambda: build_student(teacher, cfg, uc.seed).eval(), P=uc.chunk_size)
+            add(f"attamba P={uc.chunk_size} L={uc.window}", lambda: load_model(run), P=uc.chunk_size, trained=trained)
+        add(f"zero-SSM P={uc.chunk_size} L={uc.window}", lambda: build_student(teacher, cfg, uc.seed).eval(), P=uc.chunk_size)
         w = equal_cache_window(teacher.config, cfg, args.seq_len)
-        add(f"sliding W={w} (= P={uc.chunk_size} cache)",
+        add(f"sliding W={w} (= P={uc.chunk_size} L={uc.window} cache)",
             lambda: with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w)),
             P=uc.chunk_size, window=w)
     if args.plot:

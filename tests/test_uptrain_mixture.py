@@ -1,0 +1,189 @@
+"""Uptraining's second stage: low-rank adapters merged at load, the text/chat/recall mixture with its
+loss weights, the weighted distillation loss, and the long-context evaluation helpers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import ModelConfig, build_model, load_model, save_checkpoint
+from models.loading import CheckpointError
+from models.tokenizer import Tokenizer
+from server.chat import ChatTemplate
+from tests.conftest import SAMPLE, make_checkpoint
+from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts
+from training.lora import LoRALinear, add_lora, lora_factors, parse_targets
+from training.mixture import Mixture, MixtureConfig
+from training.uptrain import distillation_loss, is_ssm, is_trainable
+from training.uptrain_report import greedy
+
+
+def _tiny(kind: str = "transformer", **kw) -> torch.nn.Module:
+    cfg = ModelConfig(**{"kind": kind, "vocab_size": 50, **kw}, d_model=32, n_layers=2, n_heads=4, chunk_size=4, window=2,
+                      ssm_state=4, ssm_inner=8, ssm_heads=2)
+    return build_model(cfg, seed=0)
+
+
+def test_lora_starts_as_the_base_and_trains_only_its_factors() -> None:
+    model = _tiny()
+    ids = torch.randint(0, 50, (2, 9))
+    before = model(ids)
+    params = add_lora(model, parse_targets("wq,wo"), rank=4, alpha=8.0)
+    assert len(params) == 2 * 2 * 2 and isinstance(model.blocks[0].attn.wq, LoRALinear)
+    torch.testing.assert_close(model(ids), before)  # B starts at zero
+    with pytest.raises(ValueError, match="already has an adapter"):
+        add_lora(model, ("wq",), 4, 8.0)
+    with pytest.raises(ValueError, match="lora targets"):
+        parse_targets("wq,ffn")
+
+
+def test_adapters_merge_into_the_weights_at_load(tmp_path, tokenizer_file) -> None:
+    base = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2)
+    cfg = ModelConfig.load(base).replace(kind="attamba", kv_skip="proj", ssm_state=4, ssm_inner=8, ssm_heads=2,
+                                         base_model=str(base))
+    student = build_model(cfg, seed=1)
+    student.load_state_dict(load_model(base).state_dict(), strict=False)
+    add_lora(student, ("wq", "wo", "wv"), rank=3, alpha=6.0)
+    for name, p in student.named_parameters():
+        if name.endswith(".lora_b"):
+            torch.nn.init.normal_(p, std=0.05)
+    ssm = {k for k in student.state_dict() if is_ssm(k)}
+    save_checkpoint(student, tmp_path / "delta", tokenizer_file, only=ssm, extra=lora_factors(student))
+    stored = load_file(str(tmp_path / "delta" / "model.safetensors"))
+    assert {k for k in stored if not is_ssm(k)} == set(lora_factors(student)) and all(is_trainable(k) for k in stored)
+    merged = load_model(tmp_path / "delta")
+    ids = torch.randint(0, cfg.vocab_size, (2, 13))
+    torch.testing.assert_close(merged(ids), student(ids), atol=1e-4, rtol=1e-4)
+    assert not any(".lora_" in k for k in merged.state_dict())
+    stored.pop(next(k for k in stored if k.endswith(".lora_b")))  # a factor without its pair
+    from safetensors.torch import save_file
+    save_file(stored, str(tmp_path / "delta" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="adapter"):
+        load_model(tmp_path / "delta")
+
+
+def _mixture(tokenizer_file: Path, **kw) -> tuple[Mixture, Tokenizer]:
+    tok = Tokenizer.from_file(tokenizer_file)
+    ids = torch.tensor(tok.encode(SAMPLE.read_text()))
+    chat = ChatTemplate("", tok)
+    cfg = MixtureConfig(**{"seq_len": 96, "chat_frac": 0.3, "recall_frac": 0.4, "recall_weight": 5.0, **kw})
+    summaries = [("Alpha", "Alpha is the first letter."), ("Beta", "Beta comes second.")]
+    mix = Mixture(cfg, tok, ids, summaries, lambda m: chat.render(m, add_generation_prompt=False),
+                  torch.Generator().manual_seed(0))
+    return mix, tok
+
+
+def test_recall_rows_weigh_exactly_their_answers(tokenizer_file) -> None:
+    mix, tok = _mixture(tokenizer_file)
+    for _ in range(5):
+        ids, weights = mix.recall()
+        assert len(ids) == 97 and len(weights) == 96
+        text = tok.decode(ids)
+        answers = [line.split("Answer:")[1] for line in text.split("\n") if line.startswith("Answer:")]
+        weighted = [ids[j + 1] for j, w in enumerate(weights) if w == 5.0]
+        assert tok.decode(weighted).split() == [a.strip() for a in answers]
+        assert set(weights) <= {1.0, 5.0}
+        for a in answers:  # each asked value was stated before the questions
+            assert text.index(a.strip()) < text.index("Question:")
+
+
+def test_mixture_batches_are_reproducible_and_mix_kinds(tokenizer_file) -> None:
+    (a, tok), (b, _) = _mixture(tokenizer_file), _mixture(tokenizer_file)
+    ids_a, w_a = next(a.batches(6))
+    ids_b, w_b = next(b.batches(6))
+    assert torch.equal(ids_a, ids_b) and torch.equal(w_a, w_b)
+    assert ids_a.shape == (6, 97) and w_a.shape == (6, 96)
+    chats = [tok.decode(mix_row.tolist()) for mix_row in next(a.batches(20))[0]]
+    assert any("<|user|>" in c for c in chats) and any("<|user|>" not in c for c in chats)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        _mixture(tokenizer_file, chat_frac=0.7, recall_frac=0.4)
+
+
+def test_weighted_distillation_loss() -> None:
+    teacher, student = _tiny(), _tiny()
+    with torch.no_grad():
+        student.blocks[0].attn.wq.weight.add_(0.1)
+    batch = torch.randint(0, 50, (2, 11))
+    plain, kl, ce = distillation_loss(teacher, student, batch, 0.5)
+    ones, kl1, ce1 = distillation_loss(teacher, student, batch, 0.5, torch.ones(2, 10))
+    torch.testing.assert_close(plain, ones)
+    assert kl > 0 and abs(kl + 0.5 * ce - float(plain.detach())) < 1e-4
+    only_first = torch.zeros(2, 10)
+    only_first[0, 0] = 1.0  # all weight on one token: its KL and CE alone
+    _, kl_one, ce_one = distillation_loss(teacher, student, batch, 0.5, only_first)
+    t = torch.log_softmax(teacher(batch[:1, :1]), -1)[0, 0].detach()
+    s = torch.log_softmax(student(batch[:1, :1]), -1)[0, 0].detach()
+    assert abs(kl_one - float((t.exp() * (t - s)).sum())) < 1e-4
+    assert abs(ce_one - float(-s[batch[0, 1]])) < 1e-4
+
+
+def test_greedy_batch_equals_one_prompt_at_a_time(tokenizer_file) -> None:
+    tok = Tokenizer.from_file(tokenizer_file)
+    model = _tiny("attamba", kv_skip="proj", n_kv_heads=2, vocab_size=tok.vocab_size).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13]]
+    batched = greedy_batch(model, prompts, 6, batch_size=2)
+    for p, out in zip(prompts, batched):
+        ids = torch.tensor([p])
+        ref = []
+        for _ in range(6):  # argmax of the full forward, one token at a time
+            ref.append(int(model(torch.cat([ids, torch.tensor([ref], dtype=torch.long)], 1))[0, -1].argmax()))
+        assert out == ref
+    assert greedy(model, tok, "a b", 3) == tok.decode(greedy_batch(model, [tok.encode("a b")], 3)[0])
+
+
+def test_passkey_prompts_state_the_key_once(tokenizer_file) -> None:
+    tok = Tokenizer.from_file(tokenizer_file)
+    cases = passkey_prompts(tok, 120, 5, seed=1)
+    assert len({len(p) for p, _ in cases}) <= 2  # same filler length; keys may tokenize differently
+    for prompt, key in cases:
+        text = tok.decode(prompt)
+        assert len(key) == 5 and text.count(key) == 2  # "The pass key is K. ... K is the pass key."
+        assert text.endswith("The pass key is")
+    assert cases == passkey_prompts(tok, 120, 5, seed=1)
+
+
+def test_chat_accuracy_scores_replies_and_cuts_at_stop(tokenizer_file) -> None:
+    model = _tiny("transformer", vocab_size=Tokenizer.from_file(tokenizer_file).vocab_size).eval()
+    tok = Tokenizer.from_file(tokenizer_file)
+    chat = ChatTemplate("", tok)
+    first = greedy_batch(model, [tok.encode(chat.render([("user", "Where?")]))], 4)[0]
+    reply = tok.decode(first[:4]).strip()
+    items = [{"question": "Where?", "answers": [reply.upper()]}, {"question": "Where?", "answers": ["zzzz"]}]
+    result = chat_accuracy(model, tok, chat.render, items, max_tokens=4)
+    assert (result["correct"], result["questions"]) == (1, 2) and result["replies"][0]["correct"]
+    cut = chat_accuracy(model, tok, chat.render, items[:1], max_tokens=4, stop_ids=(first[0],))
+    assert cut["replies"][0]["reply"] == ""
+
+
+def test_chat_set_is_well_formed() -> None:
+    items = json.loads((Path(__file__).parents[1] / "training" / "chat_eval.json").read_text())
+    assert len(items) >= 30 and all(it["question"].endswith("?") and it["answers"] for it in items)
+
+
+def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_file, monkeypatch) -> None:
+    from server.cli import main
+
+    monkeypatch.setattr("training.uptrain.summaries", lambda: [("Alpha", "Alpha is the first letter of it.")])
+    teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, tie_embeddings=True)
+
+    def uptrain(out: str, *extra: str) -> int:
+        return main(["uptrain", "--teacher", str(teacher), "--out", str(tmp_path / out), "--chunk-size", "4",
+                     "--window", "2", "--ssm-state", "4", "--ssm-inner", "8", "--ssm-heads", "2", "--seq-len", "40",
+                     "--batch-size", "2", "--stage1-steps", "1", "--stage2-steps", "3", "--warmup-steps", "1",
+                     "--ckpt-interval", "1", "--train-text", str(SAMPLE), "--lora-rank", "2", "--lora-targets",
+                     "wq,wo", "--chat-frac", "0.3", "--recall-frac", "0.4", *extra])
+
+    assert uptrain("whole") == 0
+    assert uptrain("parts", "--stage2-steps", "1") == 0  # stops inside stage 2 (adapters already added) ...
+    assert uptrain("parts", "--resume", "auto") == 0  # ... and continues it
+    whole, parts = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and any(k.endswith(".lora_b") for k in whole)
+    for k in whole:
+        torch.testing.assert_close(whole[k], parts[k], atol=0, rtol=0)
+    assert any(float(v.abs().max()) > 0 for k, v in whole.items() if k.endswith(".lora_b"))  # the adapters trained
+    log = [json.loads(ln) for ln in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in log] == [(1, 1), (2, 1), (2, 2), (2, 3)]
+    load_model(tmp_path / "whole")  # the delta with its adapters loads as a plain attamba model

@@ -1,0 +1,112 @@
+"""What the compressed cache keeps: long-context perplexity, pass-key recall and a factual chat set.
+
+  long_ppl  perplexity of positions [start, length) in windows of `length` tokens cut from the
+            concatenated WikiText-2 test articles: the positions where most of the context lies
+            beyond the window, so only the chunk summaries (or full attention) can reach it
+  passkey   a 5-digit key stated once at a random depth of n tokens of filler, then asked for; the
+            fraction of trials whose greedy answer holds the key (the classic format of Mohtashami &
+            Jaggi 2023; its filler and wording never appear in the training mixture)
+  chat      plain factual questions (training/chat_eval.json) asked through the model's chat
+            template, greedy; a reply is right when it contains one of the accepted answers
+All generation runs through the cached decode path (models/state.py: prefill, decode_step).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.lm import LM
+from models.state import decode_step, prefill
+from models.tokenizer import Tokenizer
+
+CHAT_SET = Path(__file__).with_name("chat_eval.json")
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_FACT = " The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@torch.no_grad()
+def greedy_batch(model: LM, prompts: list[list[int]], n: int, batch_size: int = 4) -> list[list[int]]:
+    """n greedy tokens after each prompt (right-padded prefill in batches, then cached decode steps)."""
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        group = prompts[s : s + batch_size]
+        lengths = torch.tensor([len(p) for p in group])
+        ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long)
+        for i, p in enumerate(group):
+            ids[i, : len(p)] = torch.tensor(p)
+        logits, state = prefill(model, ids, lengths, reserve=n)
+        tok = logits[torch.arange(len(group)), lengths - 1].argmax(-1)
+        gen = [tok]
+        for _ in range(n - 1):
+            logits, state = decode_step(model, tok, state)
+            tok = logits.argmax(-1)
+            gen.append(tok)
+        out += torch.stack(gen, 1).tolist()
+    return out
+
+
+@torch.no_grad()
+def long_ppl(model: LM, ids: torch.Tensor, length: int, start: int, windows: int) -> dict:
+    """Perplexity of positions [start, length) over `windows` consecutive windows of `length` + 1 tokens of ids."""
+    if ids.numel() < windows * length + 1:
+        raise ValueError(f"need {windows * length + 1} tokens for {windows} windows of {length}, have {ids.numel()}")
+    nll, count = 0.0, 0
+    for w in range(windows):
+        seq = ids[w * length : (w + 1) * length + 1].long()[None]
+        logits = model(seq[:, :-1])[0, start:]
+        nll += float(F.cross_entropy(logits, seq[0, start + 1 :], reduction="sum"))
+        count += length - start
+    return {"ppl": float(torch.tensor(nll / count).exp()), "tokens": count, "length": length, "start": start}
+
+
+def passkey_prompts(tokenizer: Tokenizer, n_filler: int, trials: int, seed: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, key) per trial: n_filler tokens of filler with the key sentence at a uniform random depth."""
+    rng = random.Random(seed)
+    unit = tokenizer.encode(PASSKEY_FILLER)
+    filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
+    intro, question = tokenizer.encode(PASSKEY_INTRO), tokenizer.encode(PASSKEY_QUESTION)
+    out = []
+    for _ in range(trials):
+        key = str(rng.randint(10000, 99999))
+        depth = rng.randint(0, n_filler)
+        fact = tokenizer.encode(PASSKEY_FACT.format(key=key))
+        out.append((intro + filler[:depth] + fact + filler[depth:] + question, key))
+    return out
+
+
+def passkey(model: LM, tokenizer: Tokenizer, n_filler: int, trials: int, seed: int = 0) -> dict:
+    """Fraction of trials whose 8 greedy tokens contain the key."""
+    cases = passkey_prompts(tokenizer, n_filler, trials, seed)
+    replies = greedy_batch(model, [p for p, _ in cases], 8)
+    hits = [key in tokenizer.decode(r) for (_, key), r in zip(cases, replies)]
+    return {"filler_tokens": n_filler, "trials": trials, "recovered": sum(hits), "fraction": sum(hits) / trials}
+
+
+def load_chat_set(path: Path = CHAT_SET) -> list[dict]:
+    """[{question, answers: [accepted substrings]}] from the repo's chat set."""
+    items = json.loads(path.read_text())
+    if not items or any(not it.get("question") or not it.get("answers") for it in items):
+        raise ValueError(f"{path}: every item needs a question and accepted answers")
+    return items
+
+
+def chat_accuracy(model: LM, tokenizer: Tokenizer, render, items: list[dict], max_tokens: int = 48,
+                  stop_ids: tuple[int, ...] = ()) -> dict:
+    """Greedy replies to each question through `render` (messages -> prompt text); right when a reply
+    (cut at the first stop id) contains an accepted answer, case-insensitively."""
+    prompts = [tokenizer.encode(render([("user", it["question"])])) for it in items]
+    replies = []
+    for r in greedy_batch(model, prompts, max_tokens):
+        cut = next((i for i, t in enumerate(r) if t in stop_ids), len(r))
+        replies.append(tokenizer.decode(r[:cut]).strip())
+    right = [any(a.lower() in rep.lower() for a in it["answers"]) for it, rep in zip(items, replies)]
+    return {"questions": len(items), "correct": sum(right), "fraction": sum(right) / len(items),
+            "replies": [{"question": it["question"], "reply": rep, "correct": ok}
+                        for it, rep, ok in zip(items, replies, right)]}
