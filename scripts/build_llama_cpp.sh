@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Build llama.cpp's `llama-server` (parallel slots, continuous batching) from the llama.cpp source that the
-# llama-cpp-python sdist on PyPI vendors, hash-pinned; CPU only, native instructions. 4 to 30 minutes on 2 cores (idle to busy).
-#   scripts/build_llama_server.sh [DEST]   (default build/llama.cpp; the binary ends up at DEST/llama-server)
+# Build llama.cpp tools (`llama-server`: parallel slots, continuous batching; `llama-bench`; `llama-quantize`) from
+# the llama.cpp source that the llama-cpp-python sdist on PyPI vendors, hash-pinned; CPU only, native instructions.
+# 4 to 30 minutes on 2 cores (idle to busy) for the first tool, less for the next (shared objects are reused).
+#   scripts/build_llama_cpp.sh [DEST [TARGET...]]   (default build/llama.cpp llama-server; binaries end up at DEST/TARGET)
 set -euo pipefail
 VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 PYTHON=${PYTHON:-python3}
 case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # we cd below
 DEST=${1:-build/llama.cpp}
+shift $(( $# > 0 ? 1 : 0 ))
+TARGETS=("${@:-llama-server}")
 SDIST=llama_cpp_python-$VERSION.tar.gz
 
 mkdir -p "$DEST"
@@ -19,6 +22,8 @@ GENERATOR=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")
 cmake -S "llama_cpp_python-$VERSION/vendor/llama.cpp" -B cmake-build -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON >/dev/null
-cmake --build cmake-build --target llama-server -j "$(nproc)"
-ln -sf cmake-build/bin/llama-server llama-server
-echo "built $DEST/llama-server"
+for target in "${TARGETS[@]}"; do
+    cmake --build cmake-build --target "$target" -j "$(nproc)"
+    ln -sf "cmake-build/bin/$target" "$target"
+    echo "built $DEST/$target"
+done
