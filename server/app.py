@@ -15,6 +15,7 @@ from server.chat_completions import create_chat_completion
 from server.completions import create_completion
 from server.errors import install_error_handlers
 from server.generation import ClientGone
+from server.playground import add_playground
 from server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
@@ -32,9 +33,10 @@ def _serving(request: Request) -> Serving:
 
 
 def create_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               served_model_name: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+               served_model_name: str | None = None, allowed_origins: list[str] | None = None,
+               ui: bool = True) -> FastAPI:
     """The app for one engine; the caller starts and shuts down the engine. `allowed_origins` turns on
-    CORS for those origins ("*" for any)."""
+    CORS for those origins ("*" for any); `ui` serves the playground page at /."""
     app = FastAPI(title="attamba-serve", docs_url=None, redoc_url=None)
     app.state.serving = Serving(engine, served_model_name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -94,4 +96,6 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: 
     async def metrics(request: Request) -> Response:
         return Response(_serving(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    if ui:
+        add_playground(app)
     return app

@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import error_response
 
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # /, /health and /metrics stay open
 
 
 class APIKeyMiddleware:

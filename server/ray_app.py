@@ -337,7 +337,8 @@ def build_app(args: Any, scale: ScaleOut) -> serve.Application:
     if not args.threads:  # as many torch threads as the CPUs a replica reserves
         engine_args = replace(engine_args, threads=max(1, int(scale.replica_cpus)))
     app_kwargs = {"api_key": args.api_key, "max_body_bytes": args.max_body_bytes,
-                  "served_model_name": args.served_model_name, "allowed_origins": args.allowed_origins}
+                  "served_model_name": args.served_model_name, "allowed_origins": args.allowed_origins,
+                  "ui": not args.no_ui}
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": scale.replica_cpus},
         # the engine's own waiting queue answers 429 beyond this, as the single process does

@@ -40,6 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="model id clients use (default: the checkpoint directory's name)")
     parser.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                         help="enable CORS for these origins, '*' for any (default: CORS off)")
+    parser.add_argument("--no-ui", action="store_true", help="do not serve the playground page at /")
     parser.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
                         help="larger request bodies get 413 (default: %(default)s)")
     parser.add_argument("--grace-period", type=float, default=30.0,
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         return ray_app.run(args, scale)
     # ---- end scale-out ----
     engine = AsyncEngine(engine_args_from(args))
-    app = create_app(engine, args.api_key, args.max_body_bytes, args.served_model_name, args.allowed_origins)
+    app = create_app(engine, args.api_key, args.max_body_bytes, args.served_model_name, args.allowed_origins,
+                     ui=not args.no_ui)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
                             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
     server = DrainingServer(config, app.state.serving.lifecycle, args.grace_period)
