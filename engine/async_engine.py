@@ -1,7 +1,9 @@
 """The engine loop on a background thread, driven from asyncio (the server's interface).
 
 Commands (add, abort) go to the loop through a queue, so the scheduler is only ever touched by
-the loop thread; deltas come back to each request's asyncio.Queue with call_soon_threadsafe.
+the loop thread, and admission's live rule (the waiting queue's bound) is decided there, on the
+queue as it is when the requests join it; deltas and refusals come back to each request's
+RequestStream with call_soon_threadsafe.
 """
 from __future__ import annotations
 
@@ -9,33 +11,60 @@ import asyncio
 import logging
 import queue
 import threading
+from contextlib import aclosing
 from typing import AsyncIterator
 
+from .admission import PreparedRequest
 from .config import EngineArgs
-from .input_processor import PreparedRequest
+from .errors import EngineDead, QueueFull
 from .llm_engine import LLMEngine
-from .outputs import EngineDead, EngineStats, QueueFull, StreamDelta
+from .outputs import EngineStats, StreamDelta
 from .prompt_logprobs import PromptLogprobs, prompt_logprobs
-from .sampling_params import SamplingParams
 
 log = logging.getLogger("attamba.engine")
 
 
+class RequestStream:
+    """The deltas of one request's n completions, as the loop delivers them; a refusal (QueueFull)
+    or the loop's death (EngineDead) is raised by the next `anext`. Closing it early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, n: int) -> None:
+        self.engine, self.request_id, self.remaining = engine, request_id, n
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if not self.remaining:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.remaining = 0  # refused or dead: nothing left to abort
+            raise item
+        if item.finish_reason is not None:
+            self.remaining -= 1
+        return item
+
+    async def aclose(self) -> None:
+        self.engine._close(self)
+
+
 class AsyncEngine:
-    """Runs `LLMEngine.step()` continuously on a thread; `generate()` streams one request's deltas."""
+    """Runs `LLMEngine.step()` continuously on a thread; `submit()` hands it requests and returns their
+    streams. `gate` is the engine's admission gate (engine/admission.py): prepare requests with it."""
 
     def __init__(self, args: EngineArgs) -> None:
         self.engine = LLMEngine(args)
+        self.gate = self.engine.gate
         self.model_name = self.engine.model_name
         self.model_config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
-        self.max_waiting = args.max_waiting
         self._scoring_lock = threading.Lock()  # one prompt-logprobs forward at a time, beside the loop
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending = 0  # sequences queued as commands, not yet in the scheduler
-        self._pending_lock = threading.Lock()
+        self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -59,40 +88,24 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self._error is None
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return self.engine.encode_prompt(prompt)
-
-    def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
-        """Validate a request once (ValueError / ContextLengthExceeded when it can never run)."""
-        return self.engine.prepare(prompt, params)
-
-    async def generate(self, request_id: str, request: PreparedRequest) -> AsyncIterator[StreamDelta]:
-        """Stream the deltas of all n completions; leaving early aborts the request."""
+    def submit(self, requests: dict[str, PreparedRequest]) -> list[RequestStream]:
+        """Hand prepared requests to the loop, which admits them together: all, or none (then every
+        stream raises QueueFull). Call it from the event loop that reads the streams."""
         if not self.is_alive:
             raise EngineDead("the engine is not running")
-        params = request.params
-        if self._stats.num_waiting + self._pending + params.n > self.max_waiting:
-            raise QueueFull("the waiting queue is full, retry later")
-        if request_id in self._streams:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        out: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), out)
-        with self._pending_lock:
-            self._pending += params.n
-        self._send(("add", request_id, request))
-        remaining = params.n
-        try:
-            while remaining:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if remaining:
-                self.abort(request_id)
+        taken = [rid for rid in requests if rid in self._streams]
+        if taken:
+            raise ValueError(f"duplicate request id {taken[0]!r}")
+        streams = [RequestStream(self, rid, req.params.n) for rid, req in requests.items()]
+        self._streams.update((s.request_id, s) for s in streams)
+        self._send(("add", requests))
+        return streams
+
+    async def generate(self, request_id: str, request: PreparedRequest) -> AsyncIterator[StreamDelta]:
+        """Stream the deltas of one request's n completions; leaving early aborts it."""
+        async with aclosing(self.submit({request_id: request})[0]) as stream:
+            async for delta in stream:
+                yield delta
 
     async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> PromptLogprobs:
         """Logprobs of the prompt's tokens (see `engine.prompt_logprobs`), computed off the event loop."""
@@ -106,6 +119,13 @@ class AsyncEngine:
         """Abort a request; its cache is freed by the loop before its next step."""
         self._send(("abort", request_id))
 
+    def _close(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+        if stream.remaining:
+            stream.remaining = 0
+            self.abort(stream.request_id)
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -115,11 +135,10 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item: StreamDelta | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, out = target
+        stream = self._streams.get(request_id)
+        if stream is not None:
             try:
-                loop.call_soon_threadsafe(out.put_nowait, item)
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
             except RuntimeError:  # the client's event loop is gone
                 pass
 
@@ -130,13 +149,12 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, request = cmd
-                with self._pending_lock:
-                    self._pending -= request.params.n
+                requests = cmd[1]
                 try:
-                    self.engine.add_request(rid, request)
-                except ValueError as exc:  # a duplicate request id
-                    self._deliver(rid, exc)
+                    self.engine.add_requests(requests)
+                except (QueueFull, ValueError) as exc:  # the queue is full now, or a duplicate request id
+                    for rid in requests:
+                        self._deliver(rid, exc)
             else:
                 for delta in self.engine.abort_request(cmd[1]):  # a stream still open ends with "abort"
                     self._deliver(cmd[1], delta)

@@ -12,9 +12,9 @@ from models.loading import load_model
 from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
+from .admission import AdmissionGate, PreparedRequest
 from .cache_manager import CacheLayout, CacheManager
-from .config import EngineArgs, fit_max_model_len
-from .input_processor import InputProcessor, PreparedRequest
+from .config import EngineArgs
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import EngineStats, StreamDelta
@@ -46,16 +46,17 @@ class LLMEngine:
         layout = CacheLayout.for_model(self.config, args.block_size, args.torch_dtype)
         self.cache = CacheManager.from_budget(layout, args.cache_memory, args.max_num_seqs,
                                               args.enable_prefix_caching, args.prefix_snapshot_interval)
-        self.max_model_len = fit_max_model_len(args.max_model_len, self.config.default_max_model_len, self.cache.fits_alone)
+        self.gate = AdmissionGate(self.tokenizer, self.config, args.max_waiting, args.max_model_len, self.cache.fits_alone)
+        self.max_model_len = self.gate.max_model_len
         self.runner = ModelRunner(self.model, layout, self.cache.num_blocks, self.cache.num_slots, self.device)
+        max_running = min(args.max_num_seqs, self.cache.num_slots)
         if self.device.type == "cuda" and not args.enforce_eager:
-            if not self.runner.capture_graphs(self.max_model_len, min(args.max_num_seqs, self.cache.num_slots)):
+            if not self.runner.capture_graphs(self.max_model_len, max_running):
                 log.warning("decode runs eagerly: CUDA graphs need the Triton kernels (install triton)")
-        self.scheduler = Scheduler(self.cache, min(args.max_num_seqs, self.cache.num_slots), args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, max_running, args.max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.sampler = Sampler(self.tokenizer, self.eos_token_id)
-        self.inputs = InputProcessor(self.tokenizer, self.config, self.max_model_len, self.cache, args.max_waiting)
         self.outputs = OutputProcessor(self.eos_token_id, self.max_model_len)
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -68,32 +69,37 @@ class LLMEngine:
             raise ValueError("--chunk-size applies to attamba checkpoints only")
 
     # ---- requests -----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a text or token-id prompt; ValueError when empty or out of vocabulary."""
-        return self.inputs.encode(prompt)
-
-    def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
-        """Validate a request once (ValueError / ContextLengthExceeded when it can never run)."""
-        return self.inputs.prepare(prompt, params)
-
     def add_request(self, request_id: str, prompt: str | list[int] | PreparedRequest,
                     params: SamplingParams | None = None) -> list[Sequence]:
-        """Queue a request (params.n sequences); a raw prompt is validated first (ValueError before
-        anything is queued), a PreparedRequest is trusted."""
-        if request_id in self.requests:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        req = prompt if isinstance(prompt, PreparedRequest) else self.inputs.prepare(prompt, params)
-        p = req.params
-        seqs = []
-        for i in range(p.n):
-            seed = None if p.seed is None else p.seed + i
-            seq = Sequence(request_id, i, req.prompt_ids, p, req.max_tokens,
-                           self.tokenizer.incremental_decoder(skip_special_tokens=True), make_generator(seed, self.device))
-            self.scheduler.add(seq)
-            seqs.append(seq)
-        self.requests[request_id] = seqs
-        self.prompt_tokens += len(req.prompt_ids)
-        return seqs
+        """Queue a request (params.n sequences); a raw prompt is prepared by the gate first. Raises
+        InvalidRequest or QueueFull (engine/errors.py) before anything is queued."""
+        req = prompt if isinstance(prompt, PreparedRequest) else self.gate.prepare(prompt, params)
+        self.add_requests({request_id: req})
+        return self.requests[request_id]
+
+    def add_requests(self, requests: dict[str, PreparedRequest]) -> None:
+        """Queue prepared requests together: all of them, or none (QueueFull, counted against the
+        waiting queue as it is now)."""
+        taken = [rid for rid in requests if rid in self.requests]
+        if taken:
+            raise ValueError(f"duplicate request id {taken[0]!r}")
+        self.gate.admit(len(self.scheduler.waiting), sum(req.params.n for req in requests.values()))
+        for request_id, req in requests.items():
+            p = req.params
+            seqs = []
+            for i in range(p.n):
+                seed = None if p.seed is None else p.seed + i
+                seq = Sequence(request_id, i, req.prompt_ids, p, req.max_tokens,
+                               self.tokenizer.incremental_decoder(skip_special_tokens=True),
+                               make_generator(seed, self.device))
+                self.scheduler.add(seq)
+                seqs.append(seq)
+            self.requests[request_id] = seqs
+            self.prompt_tokens += len(req.prompt_ids)
+
+    def has_room(self, sequences: int) -> bool:
+        """Whether the waiting queue takes `sequences` more now."""
+        return self.gate.has_room(len(self.scheduler.waiting), sequences)
 
     def abort_request(self, request_id: str) -> list[StreamDelta]:
         """Stop a request now; its cache is returned at once. Returns the final deltas."""

@@ -4,14 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound; retry later (HTTP 429)."""
-
-
-class EngineDead(RuntimeError):
-    """The engine loop has stopped (HTTP 503)."""
-
-
 @dataclass
 class CompletionOutput:
     """One of the n completions of a request."""
@@ -80,7 +72,3 @@ class EngineStats:
     @property
     def cache_usage(self) -> float:
         return self.cache_bytes_used / self.cache_bytes_total if self.cache_bytes_total else 0.0
-
-
-class ContextLengthExceeded(ValueError):
-    """Prompt plus max_tokens is longer than the model or the cache allows (HTTP 400)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from engine.errors import InvalidRequest
 from engine.guided import GuidedDecoding
 
 GREEDY_EPS = 1e-5
@@ -17,18 +18,19 @@ MAX_LOGIT_BIAS = 100.0
 """Largest magnitude of a logit_bias value (as OpenAI's)."""
 
 
-def _require_int(name: str, value: object, minimum: int) -> None:
+def _require_int(name: str, value: object, minimum: int, param: str | None = None) -> None:
+    """`param`: the request field `name` belongs to, when they differ."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise InvalidRequest(f"{name} must be an int, got {value!r}", param or name)
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidRequest(f"{name} must be >= {minimum}, got {value}", param or name)
 
 
-def _require_float(name: str, value: object) -> float:
+def _require_float(name: str, value: object, param: str | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidRequest(f"{name} must be a number, got {value!r}", param or name)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise InvalidRequest(f"{name} must be finite, got {value}", param or name)
     return float(value)
 
 
@@ -49,6 +51,9 @@ class SamplingParams:
     many tokens exist; ``include_stop_str_in_output`` keeps the matched stop string or stop
     token text; ``guided`` constrains the output to a grammar (with it, the grammar decides
     where the output ends, so neither ``ignore_eos`` nor ``min_tokens`` applies).
+
+    An invalid value raises InvalidRequest naming its field; what depends on the model (token
+    ids in the vocabulary, the chunk size, the length) is checked at admission (engine/admission.py).
     """
 
     n: int = 1
@@ -75,16 +80,16 @@ class SamplingParams:
         _require_int("n", self.n, 1)
         self.temperature = _require_float("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
         self.top_p = _require_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         _require_int("top_k", self.top_k, -1)
         self.min_p = _require_float("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            raise InvalidRequest(f"seed must be an int or None, got {self.seed!r}", "seed")
         if self.max_tokens is not None:
             _require_int("max_tokens", self.max_tokens, 1)
 
@@ -96,49 +101,45 @@ class SamplingParams:
             self.stop = list(self.stop)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must contain non-empty strings, got {s!r}")
+                raise InvalidRequest(f"stop must contain non-empty strings, got {s!r}", "stop")
 
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         for t in self.stop_token_ids:
-            _require_int("stop_token_ids entries", t, 0)
+            _require_int("stop_token_ids entries", t, 0, "stop_token_ids")
 
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise InvalidRequest(f"ignore_eos must be a bool, got {self.ignore_eos!r}", "ignore_eos")
         if self.logprobs is not None:
             _require_int("logprobs", self.logprobs, 0)
             if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+                raise InvalidRequest(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
         if self.chunk_size is not None:
             _require_int("chunk_size", self.chunk_size, 1)
         for name in ("presence_penalty", "frequency_penalty"):
             value = _require_float(name, getattr(self, name))
             if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value}", name)
             setattr(self, name, value)
         self.repetition_penalty = _require_float("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         self.logit_bias = dict(self.logit_bias or {})
         for token, bias in self.logit_bias.items():
-            _require_int("logit_bias keys", token, 0)
-            if not -MAX_LOGIT_BIAS <= _require_float("logit_bias values", bias) <= MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
+            _require_int("logit_bias keys", token, 0, "logit_bias")
+            if not -MAX_LOGIT_BIAS <= _require_float("logit_bias values", bias, "logit_bias") <= MAX_LOGIT_BIAS:
+                raise InvalidRequest(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
+                                     "logit_bias")
         _require_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            raise InvalidRequest(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
+                                 "min_tokens")
         if not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+            raise InvalidRequest(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}",
+                                 "include_stop_str_in_output")
         if self.guided is not None and (self.ignore_eos or self.min_tokens):
             field = "ignore_eos" if self.ignore_eos else "min_tokens"
-            raise ValueError(f"{field} cannot be combined with structured output: the grammar decides where "
-                             "the output ends")
-
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise ValueError for token ids (logit_bias keys, stop_token_ids) outside [0, vocab_size)."""
-        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
-            bad = [t for t in ids if t >= vocab_size]
-            if bad:
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+            raise InvalidRequest(f"{field} cannot be combined with structured output: the grammar decides where "
+                                 "the output ends", field)
 
     @property
     def penalized(self) -> bool:

@@ -1,4 +1,5 @@
-"""The OpenAI error envelope and the exception handlers that always produce it."""
+"""The OpenAI error envelope and the exception handlers that always produce it. Engine errors are
+mapped here by their type alone (engine/errors.py): the field and the code come with them."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from engine.errors import EngineDead, QueueFull, RequestRejected
 from server.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 _TAGS = {"body", "str", "int", "float", "bool"}
+RETRY_AFTER_S = "1"
 
 
 class APIError(Exception):
@@ -47,6 +50,16 @@ def error_event(exc: APIError) -> bytes:
     return f"data: {json.dumps(ErrorResponse(error=info).model_dump())}\n\n".encode()
 
 
+def engine_error(exc: RequestRejected | EngineDead) -> APIError:
+    """The HTTP answer to an engine error: 429 with Retry-After for QueueFull, 503 for EngineDead, and
+    400 for every InvalidRequest, with the field and code the error carries."""
+    if isinstance(exc, EngineDead):
+        return APIError(503, f"engine unavailable: {exc}", "service_unavailable")
+    if isinstance(exc, QueueFull):
+        return APIError(429, f"server busy: {exc}", exc.code, exc.param, {"Retry-After": RETRY_AFTER_S})
+    return APIError(400, str(exc), exc.code, exc.param)
+
+
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     """The first error, preferring a validator's own message (within a union, pydantic lists every branch)."""
     errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
@@ -64,6 +77,10 @@ def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
 
+def _engine_error(request: Request, exc: RequestRejected | EngineDead) -> JSONResponse:
+    return _api_error(request, engine_error(exc))
+
+
 def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return error_response(exc.status_code, str(exc.detail), code, headers=exc.headers)
@@ -75,8 +92,11 @@ def _unexpected(_: Request, __: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as the envelope: validation -> 400, HTTP errors keep their status, bugs -> 500."""
+    """Every error leaves as the envelope: validation -> 400, engine errors by type, HTTP errors keep
+    their status, bugs -> 500."""
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestRejected, _engine_error)
+    app.add_exception_handler(EngineDead, _engine_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -8,7 +8,7 @@ import uuid
 
 from engine.async_engine import AsyncEngine
 from engine.config import add_engine_args, engine_args_from
-from engine.input_processor import PreparedRequest
+from engine.admission import PreparedRequest
 from engine.sampling_params import SamplingParams
 
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     engine = AsyncEngine(engine_args_from(args))
-    request = engine.prepare(args.prompt, params)
+    request = engine.gate.prepare(args.prompt, params)
     engine.start()
     try:
         asyncio.run(_stream(engine, request))

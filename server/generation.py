@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
-from engine.input_processor import PreparedRequest
-from engine.outputs import EngineDead, QueueFull, StreamDelta
-from server.errors import APIError
+from engine.admission import PreparedRequest
+from engine.errors import EngineDead, RequestRejected
+from engine.outputs import StreamDelta
+from server.errors import engine_error
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import AsyncEngine, RequestStream
 
 T = TypeVar("T")
-RETRY_AFTER_S = "1"
 
 
 class ClientGone(Exception):
@@ -47,34 +47,27 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 
 
 class Generation:
-    """The delta stream of one request, opened with `start()` and always closed with `close()`."""
+    """The delta stream of one submitted request, opened with `start()` and always closed with `close()`."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, lifecycle: Lifecycle, request_id: str,
-                 request: PreparedRequest) -> None:
-        self.engine, self.lifecycle, self.request_id = engine, lifecycle, request_id
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, lifecycle: Lifecycle, request: PreparedRequest,
+                 stream: RequestStream) -> None:
+        self.engine, self.lifecycle, self.request_id = engine, lifecycle, stream.request_id
         self.prompt_ids = request.prompt_ids
         self.prompt_tokens = len(request.prompt_ids)
         self.timer = metrics.track(request.params.n)
         self.completion_tokens: dict[int, int] = {}
-        self._stream = engine.generate(request_id, request)
+        self._stream = stream
         self._first: StreamDelta | None = None
         self._closed = False
         lifecycle.enter(self)
 
     async def start(self, request: Request) -> None:
-        """Wait for the first delta, so admission errors become HTTP statuses before any body is sent.
-
-        QueueFull -> 429, EngineDead -> 503; a ValueError (request refused) propagates; ClientGone
-        if the client leaves first."""
+        """Wait for the first delta, so a refusal (QueueFull) or a dead engine propagates, to become an
+        HTTP status (server/errors.py) before any body is sent; ClientGone if the client leaves first."""
         try:
             self._first = await unless_disconnected(request, anext(self._stream))
-        except (QueueFull, EngineDead, ValueError) as exc:
+        except (RequestRejected, EngineDead):
             await self.close(admitted=False)
-            if isinstance(exc, QueueFull):
-                raise APIError(429, f"server busy: {exc}", "rate_limit_exceeded",
-                               headers={"Retry-After": RETRY_AFTER_S}) from exc
-            if isinstance(exc, EngineDead):
-                raise APIError(503, f"engine unavailable: {exc}", "service_unavailable") from exc
             raise
         except BaseException:
             await self.close()
@@ -87,8 +80,8 @@ class Generation:
                 yield self._record(self._first)
             async for delta in self._stream:
                 yield self._record(delta)
-        except EngineDead as exc:
-            raise APIError(503, f"engine stopped: {exc}", "service_unavailable") from exc
+        except EngineDead as exc:  # mid-stream: an APIError, which the SSE guard turns into an error event
+            raise engine_error(exc) from exc
         finally:
             await self.close()
 
@@ -108,10 +101,9 @@ class Generation:
             return
         self._closed = True
         if admitted and self.timer.unfinished:
-            self.engine.abort(self.request_id)
             self.timer.close()
         self.lifecycle.exit(self)
-        await self._stream.aclose()
+        await self._stream.aclose()  # aborts what is unfinished
 
     def abort(self) -> None:
         """End the request early (server shutdown): its completions finish with reason "abort"."""

@@ -1,7 +1,9 @@
 """What both generation endpoints share: readiness, model names, request resolution and admission.
 
 A request is resolved into SamplingParams here and only here: every field is either applied,
-or refused with a 400 that names it; none is accepted and ignored.
+or refused with a 400 that names it; none is accepted and ignored. What depends on the model or
+the queue is decided by the engine's admission gate (engine/admission.py), whose typed errors
+server/errors.py maps to HTTP.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from engine.guided import GuidedDecoding
-from engine.outputs import ContextLengthExceeded
 from engine.sampling_params import SamplingParams
 from server.chat import load_chat_template
 from server.errors import APIError
@@ -27,14 +28,7 @@ if TYPE_CHECKING:
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "chunk_size",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
                    "include_stop_str_in_output")
-PARAMS = {*SAMPLING_FIELDS, "max_tokens", "logprobs", "stop", "stop_token_ids", "logit_bias"}
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-
-
-def _param_of(exc: ValueError) -> str | None:
-    """The request field an engine / SamplingParams error message starts with, if any."""
-    first = str(exc).split(maxsplit=1)[0] if str(exc) else ""
-    return first if first in PARAMS else None
 
 
 def _invalid(message: str, param: str | None) -> APIError:
@@ -121,46 +115,32 @@ class Serving:
     def sampling_params(self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                         extra_stop: list[str] | None = None, extra_stop_token_ids: list[int] | None = None
                         ) -> SamplingParams:
-        """The request's SamplingParams; a 400 naming the field for anything invalid or unsupported."""
+        """The request's SamplingParams; a 400 naming the field for anything invalid (InvalidRequest from
+        SamplingParams, mapped by server/errors.py) or unsupported."""
         self.check_model(req.model)
         _refuse_unsupported(req)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        try:
-            return SamplingParams(**{f: getattr(req, f) for f in SAMPLING_FIELDS}, max_tokens=max_tokens,
-                                  logprobs=logprobs, stop=stop + (extra_stop or []),
-                                  stop_token_ids=(req.stop_token_ids or []) + (extra_stop_token_ids or []),
-                                  logit_bias=_logit_bias(req), guided=_guided(req))
-        except ValueError as exc:
-            raise _invalid(str(exc), _param_of(exc)) from exc
+        return SamplingParams(**{f: getattr(req, f) for f in SAMPLING_FIELDS}, max_tokens=max_tokens,
+                              logprobs=logprobs, stop=stop + (extra_stop or []),
+                              stop_token_ids=(req.stop_token_ids or []) + (extra_stop_token_ids or []),
+                              logit_bias=_logit_bias(req), guided=_guided(req))
 
     def encode(self, prompt: str | list[int], prompt_param: str) -> list[int]:
-        try:
-            return self.engine.encode_prompt(prompt)
-        except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_prompt", prompt_param) from exc
+        """Token ids of a prompt (InvalidPrompt naming `prompt_param` when it cannot run)."""
+        return self.engine.gate.encode(prompt, prompt_param)
 
     async def admit(self, request: Request, prefix: str, prompts: list[str | list[int]], params: SamplingParams,
                     prompt_param: str) -> GenerationBatch:
-        """Validate every prompt against the model and start them all (one Generation each); every
-        rejection is an APIError, and nothing keeps running after one."""
-        if not prompts:
-            raise _invalid("prompt is empty", prompt_param)
-        ids = [self.encode(p, prompt_param) for p in prompts]
-        sequences = len(ids) * params.n
-        if sequences > self.engine.max_waiting:
-            raise _invalid(f"n ({params.n}) x {len(ids)} prompt(s) = {sequences} sequences is more than the waiting "
-                           f"queue holds ({self.engine.max_waiting}): such a request could never be admitted", "n")
+        """Check the prompts at the engine's admission gate, then submit them together and start them
+        (one Generation each); a refusal propagates as the engine's typed error, and nothing keeps
+        running after one."""
+        prepared = self.engine.gate.prepare_batch(prompts, params, prompt_param)
         self.check_ready()
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        try:
-            prepared = [self.engine.prepare(prompt_ids, params) for prompt_ids in ids]
-            gens = [Generation(self.engine, self.metrics, self.lifecycle,
-                               request_id if len(ids) == 1 else f"{request_id}-{i}", req)
-                    for i, req in enumerate(prepared)]
-            batch = GenerationBatch(request_id, gens, params.n)
-            await batch.start(request)
-        except ContextLengthExceeded as exc:
-            raise APIError(400, str(exc), "context_length_exceeded", prompt_param) from exc
-        except ValueError as exc:
-            raise _invalid(str(exc), _param_of(exc)) from exc
+        ids = [request_id] if len(prepared) == 1 else [f"{request_id}-{i}" for i in range(len(prepared))]
+        streams = self.engine.submit(dict(zip(ids, prepared)))
+        gens = [Generation(self.engine, self.metrics, self.lifecycle, req, stream)
+                for req, stream in zip(prepared, streams)]
+        batch = GenerationBatch(request_id, gens, params.n)
+        await batch.start(request)
         return batch

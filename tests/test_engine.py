@@ -139,10 +139,10 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
     eng.start()
     try:
         async def collect(rid: str, params: SamplingParams) -> list:
-            return [d async for d in eng.generate(rid, eng.prepare("The history of", params))]
+            return [d async for d in eng.generate(rid, eng.gate.prepare("The history of", params))]
 
         async def abort_early() -> None:
-            stream = eng.generate("b", eng.prepare("In 1914", SamplingParams(max_tokens=500, ignore_eos=True)))
+            stream = eng.generate("b", eng.gate.prepare("In 1914", SamplingParams(max_tokens=500, ignore_eos=True)))
             async for _ in stream:
                 break
             await stream.aclose()
@@ -157,11 +157,13 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
                     break
                 await asyncio.sleep(0.01)
             assert eng.stats().cache_bytes_used == 0
-            with pytest.raises(QueueFull):  # the bound holds at the front, before the loop sees the request
-                full = eng.prepare("x", SamplingParams(n=eng.engine.args.max_waiting))
-                eng._pending = 1
-                await anext(eng.generate("d", full))
-            eng._pending = 0
+            full = eng.gate.prepare("x", SamplingParams(n=eng.gate.max_waiting))
+            one = eng.gate.prepare("x", SamplingParams())
+            for stream in eng.submit({"d": full, "e": one}):  # admitted together: one more than the queue holds
+                with pytest.raises(QueueFull):
+                    await anext(stream)
+                await stream.aclose()
+            assert not {"d", "e"} & set(eng.engine.requests)  # all or none
 
         asyncio.run(main())
         llm_text = LLM(str(tiny_ckpt)).generate("The history of", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text

@@ -1,7 +1,9 @@
 """Bad input never reaches the engine and never yields a 500: statuses, error envelopes, and a healthy server after."""
 from __future__ import annotations
 
+import ast
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +234,53 @@ def test_not_started_and_draining_are_503(tiny_ckpt: Path, engine: AsyncEngine) 
 def test_server_is_healthy_after_bad_input(url: str, engine: AsyncEngine) -> None:
     assert_healthy(url, engine)
     assert httpx.post(f"{url}/v1/completions", json=OK).status_code == 200
+
+
+# ---- engine errors reach HTTP by type, never by their text ----------------------------------------------------
+SINKS = {"APIError", "_invalid", "error_response", "print"}  # where an error's message may go, as is
+
+
+def is_sink(call: ast.AST) -> bool:
+    """A call that passes a message on: an envelope, a printed line, or another exception."""
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+            and (call.func.id in SINKS or re.search(r"(Error|Exception)$", call.func.id) is not None))
+
+
+def message_reads(source: str) -> list[int]:
+    """Lines where code reads an exception's text (str(exc), f"{exc}", exc.args) for anything but passing it
+    on, unchanged, into a message (see is_sink)."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    excs = {h.name for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and h.name}
+    excs |= {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg) and a.annotation is not None
+             and re.search(r"Error|Exception|QueueFull|EngineDead|Rejected|Exceeded", ast.unparse(a.annotation))}
+
+    def passed_on(node: ast.AST) -> bool:
+        parent = parents[node]
+        if isinstance(parent, ast.JoinedStr):  # f"...{exc}..."
+            parent = parents[parent]
+        if isinstance(parent, ast.keyword):
+            parent = parents[parent]
+        return is_sink(parent)
+
+    def is_exc(node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id in excs
+
+    lines = []
+    for node in ast.walk(tree):
+        text = (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("str", "repr", "format") and len(node.args) == 1 and is_exc(node.args[0]))
+        text |= isinstance(node, ast.FormattedValue) and is_exc(node.value)
+        if (text and not passed_on(node)) or (isinstance(node, ast.Attribute) and node.attr == "args"
+                                             and is_exc(node.value)):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_server_code_reads_exception_text() -> None:
+    parsing = ('def param_of(exc: ValueError) -> str:\n    return str(exc).split()[0]\n'
+               'try:\n    pass\nexcept ValueError as e:\n    field = e.args[0]\n    ok = APIError(400, f"bad: {e}")\n')
+    assert message_reads(parsing) == [2, 6]
+    server = Path(__file__).resolve().parents[1] / "server"
+    found = {path.name: lines for path in sorted(server.rglob("*.py")) if (lines := message_reads(path.read_text()))}
+    assert not found, f"map engine errors by type (server/errors.py), never by their message: {found}"
