@@ -9,7 +9,7 @@ flag without a field cannot exist.
 
 A field's flag is its name with dashes (`--max-num-seqs`). Its type comes from the annotation
 (`int | None` parses an int; a bool is `--x` / `--no-x`; `tuple[str, ...]` takes one or more
-values) unless `parse` is given; a field without a default is a required flag.
+values); any other type needs `parse`. A field without a default is a required flag.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def setting(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any]
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, overrides: bool = False) -> None:
-    """One flag per field of dataclass `cls`, grouped under the first line of its docstring (without its full stop). The
+    """One flag per field of dataclass `cls`, grouped under the first line of its docstring. The
     parsed default is the field's; with `overrides`, a flag not given is absent from the namespace
     (so that the flags given can go over a JSON file's values, see from_args)."""
     group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip("."))
@@ -47,26 +47,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, overrides: bool = F
     for f in dataclasses.fields(cls):
         if not f.metadata.get("doc"):
             raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with setting()")
-        kind = _strip_none(hints[f.name])
         default = f.default if f.default_factory is MISSING else f.default_factory()
-        kw: dict[str, Any] = {"dest": f.name}
+        kw = _argument(f, _strip_none(hints[f.name]), f"{cls.__name__}.{f.name}")
         if overrides:
             kw["default"] = argparse.SUPPRESS
         elif default is MISSING:
             kw["required"] = True
         else:
             kw["default"] = default
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            variadic = typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (...,)
-            kw["type"] = f.metadata["parse"] or (typing.get_args(kind)[0] if variadic else kind)
-            if variadic and not f.metadata["parse"]:
-                kw["nargs"] = "+"
-            for key in ("choices", "metavar"):
-                if f.metadata[key] is not None:
-                    kw[key] = f.metadata[key]
-        action = group.add_argument("--" + f.name.replace("_", "-"), **kw)
+        action = group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
         action.help = _help(f, default)  # set afterwards: BooleanOptionalAction appends its own default
 
 
@@ -106,6 +95,20 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _argument(f: dataclasses.Field, kind: Any, name: str) -> dict[str, Any]:
+    """add_argument's keywords for the value of field f of type `kind`."""
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    parse = f.metadata["parse"]
+    variadic = typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (...,)
+    if not (parse or variadic or kind in (str, int, float)):
+        raise TypeError(f"{name}: a {kind} flag needs parse=")
+    kw: dict[str, Any] = {"type": parse or (typing.get_args(kind)[0] if variadic else kind)}
+    if variadic and not parse:
+        kw["nargs"] = "+"
+    return kw | {key: f.metadata[key] for key in ("choices", "metavar") if f.metadata[key] is not None}
 
 
 def _strip_none(kind: Any) -> Any:

@@ -28,21 +28,32 @@ class EagerGraphs(DecodeGraphs):
         return replay, out
 
 
+@pytest.fixture
+def eager_graphs(monkeypatch) -> None:
+    """ModelRunner.capture_graphs builds EagerGraphs, as it builds DecodeGraphs on CUDA with triton."""
+    monkeypatch.setattr(model_runner, "DecodeGraphs", EagerGraphs)
+    monkeypatch.setattr(model_runner, "use_triton", lambda t: True)
+
+
 def cache_tensors(engine: LLMEngine) -> list[torch.Tensor]:
-    runner = engine.runner
-    return [t.clone() for t in (runner.k_pool, runner.v_pool, runner.win_k, runner.win_v, runner.ssm, runner.conv)]
+    """Every tensor a decode step writes: the runner's pools and state slots."""
+    r = engine.runner
+    return [r.k_pool, r.v_pool, r.win_k, r.win_v, r.ssm, r.conv]
+
+
+def snapshot(engine: LLMEngine) -> list[torch.Tensor]:
+    return [t.clone() for t in cache_tensors(engine)]
 
 
 @pytest.mark.parametrize("max_batch,sizes,replays", [
     (4, (1, 2, 4), [4, 4, 2, 1, 1, 1]),  # decode batches of 3 rows (padded to 4), then 2, then 1
     (2, (1, 2), [2, 1, 1, 1]),  # 3 rows, above the largest size, run eagerly
 ])
-def test_graph_replays_equal_the_eager_decode(tiny_ckpt, monkeypatch, max_batch: int, sizes: tuple, replays: list) -> None:
-    monkeypatch.setattr(model_runner, "DecodeGraphs", EagerGraphs)
-    monkeypatch.setattr(model_runner, "use_triton", lambda t: True)  # what CUDA with triton says
+def test_graph_replays_equal_the_eager_decode(tiny_ckpt, eager_graphs, max_batch: int, sizes: tuple,
+                                              replays: list) -> None:
     args = EngineArgs(model=str(tiny_ckpt), block_size=2, max_model_len=40, enable_prefix_caching=False)
     eager, graphed = LLMEngine(args), LLMEngine(args)
-    before = cache_tensors(graphed)
+    before = snapshot(graphed)
     assert graphed.runner.capture_graphs(graphed.max_model_len, max_batch)
     graphs = graphed.runner.graphs
     assert graphs.sizes == sizes and graphs.max_blocks == graphed.cache.layout.blocks(40)
@@ -55,16 +66,14 @@ def test_graph_replays_equal_the_eager_decode(tiny_ckpt, monkeypatch, max_batch:
                                               SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))]
         while engine.has_unfinished():
             engine.step()
-        outs.append(([s.output_ids for s in seqs], cache_tensors(engine)))
+        outs.append(([s.output_ids for s in seqs], snapshot(engine)))
     assert graphs.replays == replays
     assert outs[0][0] == outs[1][0]
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b)
 
 
-def test_block_tables_wider_than_captured_run_eagerly(tiny_ckpt, monkeypatch) -> None:
-    monkeypatch.setattr(model_runner, "DecodeGraphs", EagerGraphs)
-    monkeypatch.setattr(model_runner, "use_triton", lambda t: True)
+def test_block_tables_wider_than_captured_run_eagerly(tiny_ckpt, eager_graphs) -> None:
     engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=2, max_model_len=40))
     engine.runner.capture_graphs(engine.max_model_len, 2)
     graphs = engine.runner.graphs
@@ -75,14 +84,13 @@ def test_block_tables_wider_than_captured_run_eagerly(tiny_ckpt, monkeypatch) ->
     meta = engine.runner._metadata([seq])
     wide = pad_decode_metadata(meta, 1, graphs.max_blocks + 1)
     tokens = torch.tensor([seq.last_token])
-    state = cache_tensors(engine)
+    before = snapshot(engine)
     assert graphs.size_for(1) == 1 and graphs.size_for(3) is None
     got = graphs(tokens, wide)
     assert graphs.replays == []
-    after = cache_tensors(engine)
-    for t, s in zip((engine.runner.k_pool, engine.runner.v_pool, engine.runner.win_k, engine.runner.win_v,
-                     engine.runner.ssm, engine.runner.conv), state):
-        t.copy_(s)  # the same step again, replayed
+    after = snapshot(engine)
+    for t, saved in zip(cache_tensors(engine), before):
+        t.copy_(saved)  # the same step again, now replayed
     torch.testing.assert_close(graphs(tokens, meta), got)
     assert graphs.replays == [1]
     for a, b in zip(after, cache_tensors(engine)):

@@ -45,7 +45,7 @@ def non_defaults(cls: type, table: dict[str, tuple[object, object]]) -> None:
     assert all(expected != defaults[name] for name, (_, expected) in table.items())
 
 
-# ---- the helper -------------------------------------------------------------------------------------------------------
+# ---- the helper --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Example:
     """Example settings."""
@@ -80,7 +80,8 @@ def test_overrides_go_over_a_json_file(tmp_path: Path) -> None:
     path = tmp_path / "ex.json"
     path.write_text(json.dumps({"name": "file", "count": 1, "tags": ["p", "q"]}))
     base = check_fields(Example, read_json(path), str(path))
-    assert from_args(Example, parser.parse_args(["--count", "2"]), base) == Example(name="file", count=2, tags=("p", "q"))
+    got = from_args(Example, parser.parse_args(["--count", "2"]), base)
+    assert got == Example(name="file", count=2, tags=("p", "q"))
     assert from_args(Example, parser.parse_args([]), {"name": "n"}) == Example(name="n")
 
 
@@ -98,7 +99,7 @@ def test_unknown_keys_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
         read_json(tmp_path / "bad.json")
 
 
-def test_a_field_without_help_is_refused() -> None:
+def test_a_field_without_help_or_parser_is_refused() -> None:
     @dataclass(frozen=True)
     class Undocumented:
         """Settings."""
@@ -108,8 +109,17 @@ def test_a_field_without_help_is_refused() -> None:
     with pytest.raises(TypeError, match="Undocumented.x has no help text"):
         add_flags(argparse.ArgumentParser(), Undocumented)
 
+    @dataclass(frozen=True)
+    class Pair:
+        """Settings."""
 
-# ---- no flag without a field ------------------------------------------------------------------------------------------
+        x: tuple[int, int] = setting((1, 2), "a pair")
+
+    with pytest.raises(TypeError, match="needs parse="):
+        add_flags(argparse.ArgumentParser(), Pair)
+
+
+# ---- no flag without a field -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command,settings", [
     ("server.serve", (EngineArgs, ServerSettings, ScaleOut)),
     ("training.train", (TrainFlags, RunFlags)),
@@ -125,7 +135,7 @@ def test_every_flag_is_a_field(command: str, settings: tuple[type, ...]) -> None
         assert action.option_strings[0] == "--" + action.dest.replace("_", "-")
 
 
-# ---- the engine through every flag of `attamba serve` ------------------------------------------------------------------
+# ---- the engine through every flag of `attamba serve` ------------------------------------------------------------
 def test_engine_is_built_through_every_serve_flag(tiny_ckpt: Path) -> None:
     """Each engine flag set to a valid non-default value reaches EngineArgs and the engine built from it."""
     from server import serve
