@@ -182,7 +182,8 @@ def test_server_and_scale_out_settings_through_their_flags() -> None:
 
     server = {"host": ("0.0.0.0", "0.0.0.0"), "port": (0, 0), "api_key": ("k", "k"), "served_model_name": ("m", "m"),
               "allowed_origins": (("http://a", "http://b"), ("http://a", "http://b")),
-              "max_body_bytes": ("2KiB", 2048), "grace_period": (0.5, 0.5), "log_level": ("debug", "debug")}
+              "ui": (False, False), "max_body_bytes": ("2KiB", 2048), "grace_period": (0.5, 0.5),
+              "log_level": ("debug", "debug")}
     scale = {"replicas": (2, 2), "autoscale": ("1:4", (1, 4)), "target_ongoing_requests": (3.0, 3.0),
              "replica_cpus": (2.0, 2.0), "router": ("prefix", "prefix"), "ray_address": ("auto", "auto")}
     non_defaults(ScaleOut, scale)
