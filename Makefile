@@ -84,7 +84,8 @@ bench: install-dev
 	$(BIN)/attamba bench $(ARGS)
 
 # Everything that needs a GPU (kernel tests, engine parity, benchmarks) as JSON in OUT (default gpu-check/); runs
-# with the machine's python, no venv or install (scripts/gpu_check.py).
+# with the machine's python, no venv or install (scripts/gpu_check.py). Without CUDA it dry-runs every part on CPU
+# (tests/test_gpu_check.py does that in CI).
 gpu-check:
 	$(PY) scripts/gpu_check.py --out $(if $(filter command line,$(origin OUT)),$(OUT),gpu-check)
 

@@ -1,14 +1,15 @@
-"""Engine settings: one frozen dataclass, with the CLI flags named as in vLLM."""
+"""Engine settings: one frozen dataclass whose fields are the CLI flags (engine/settings.py), named as in vLLM."""
 from __future__ import annotations
 
-import argparse
-import os
 import logging
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
+
+from .settings import setting
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
@@ -31,21 +32,28 @@ def parse_bytes(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class EngineArgs:
-    """How the engine sizes its cache and batches."""
+    """Engine settings: how the engine sizes its cache and batches (flags of serve, generate and bench)."""
 
-    model: str = "checkpoints/attamba-wt2"
-    max_num_seqs: int = 32  # most sequences running at once
-    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
-    cache_memory: int = 1 << 30  # bytes for the whole cache (boundary blocks + state slots)
-    max_model_len: int | None = None  # prompt + output cap; default: 8x the training length
-    block_size: int = 16  # boundary (or KV) entries per cache block
-    device: str = "cpu"
-    dtype: str = "float32"  # weights and cached K/V
-    max_waiting: int = 256  # waiting-queue bound; add_request beyond it raises QueueFull
-    chunk_size: int | None = None  # Attamba P override for the whole engine (attamba kind only)
-    threads: int = 0  # torch CPU threads; 0: the cores this process may run on
-    enable_prefix_caching: bool = True  # share cached prefixes: boundary blocks plus state snapshots
-    prefix_snapshot_interval: int = 8  # also snapshot a prompt's state every this many blocks
+    model: str = setting("checkpoints/attamba-wt2", "checkpoint directory or named model, e.g. smollm2-135m")
+    max_num_seqs: int = setting(32, "most sequences running at once")
+    max_num_batched_tokens: int = setting(512, "tokens one engine step computes: prefill chunks plus decodes")
+    cache_memory: int = setting(1 << 30, "bytes for the whole cache (boundary blocks + state slots), e.g. 2GiB "
+                                "or 500MB", parse=parse_bytes, shown="1GiB")
+    max_model_len: int | None = setting(None, "longest prompt + output in tokens",
+                                        shown="8x the training length, reduced to what the cache holds")
+    block_size: int = setting(16, "boundary (or KV) entries per cache block")
+    device: str = setting("cpu", "where the model runs", choices=("cpu", "cuda"))
+    dtype: str = setting("float32", "weights and cached K/V", choices=tuple(sorted(DTYPES)))
+    enforce_eager: bool = setting(False, "on CUDA, run the decode step eagerly instead of replaying captured "
+                                  "CUDA graphs")
+    max_waiting: int = setting(256, "sequences the waiting queue holds; more get 429")
+    chunk_size: int | None = setting(None, "Attamba chunk size P for the whole engine (attamba checkpoints only)",
+                                     shown="the checkpoint's")
+    threads: int = setting(0, "torch CPU threads (0: the cores this process may use)")
+    enable_prefix_caching: bool = setting(True, "reuse the cache of shared prompt prefixes: boundary blocks plus "
+                                          "state snapshots")
+    prefix_snapshot_interval: int = setting(8, "with prefix caching, also save a prompt's recurrent state every "
+                                            "N blocks")
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -93,42 +101,3 @@ def fit_max_model_len(requested: int | None, default: int, fits: Callable[[int],
     log.warning("max_model_len reduced from %d to %d, the most one sequence can hold in the cache "
                 "(raise --cache-memory for more)", default, low)
     return low
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The engine flags shared by serve, generate and bench."""
-    d = EngineArgs()
-    parser.add_argument("--model", default=d.model, help="checkpoint directory or named model, e.g. smollm2-135m (default: %(default)s)")
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
-                        help="most sequences running at once (default: %(default)s)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                        help="tokens one engine step computes: prefill chunks plus decodes (default: %(default)s)")
-    parser.add_argument("--cache-memory", type=parse_bytes, default=d.cache_memory,
-                        help="bytes for the whole cache, e.g. 2GiB or 500MB (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="longest prompt + output in tokens (default: 8x the training length, reduced to "
-                             "what the cache holds)")
-    parser.add_argument("--block-size", type=int, default=d.block_size,
-                        help="boundary (or KV) entries per cache block (default: %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="Attamba chunk size P for the whole engine (default: the checkpoint's)")
-    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="(default: %(default)s)")
-    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES),
-                        help="weights and cached K/V (default: %(default)s)")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="on CUDA, run the decode step eagerly instead of replaying captured CUDA graphs")
-    parser.add_argument("--threads", type=int, default=d.threads,
-                        help="torch CPU threads (default: the cores this process may use)")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=d.enable_prefix_caching,
-                        help="reuse the cache of shared prompt prefixes (default: on)")
-    parser.add_argument("--prefix-snapshot-interval", type=int, default=d.prefix_snapshot_interval,
-                        help="with prefix caching, also save a prompt's recurrent state every N blocks "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-waiting", type=int, default=d.max_waiting,
-                        help="sequences the waiting queue holds; more get 429 (default: %(default)s)")
-
-
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    names = {f.name for f in fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})

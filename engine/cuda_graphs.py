@@ -8,6 +8,7 @@ replayed. Batches larger than the largest captured size run eagerly.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 
 import torch
@@ -20,28 +21,34 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class DecodeGraphs:
-    """Captured decode steps keyed by batch size; `__call__` pads, copies, replays."""
+    """Captured decode steps keyed by batch size; `__call__` pads, copies, replays. Only `_capture`
+    needs CUDA (tests/test_cuda_graphs.py replaces it to run the rest on CPU)."""
 
     def __init__(self, model: LM, caches: list[LayerCache], template: DecodeMetadata, max_blocks: int,
                  sizes: tuple[int, ...] = DEFAULT_SIZES) -> None:
         """template: the metadata of an empty batch (it gives every shape but the batch's)."""
         self.model, self.caches, self.max_blocks = model, caches, max_blocks
         self.sizes = tuple(sorted(sizes))
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, DecodeMetadata, Tensor]] = {}
-        pool = None
-        for size in reversed(self.sizes):  # largest first, so the smaller graphs reuse its memory pool
-            tokens = torch.zeros(size, dtype=torch.long, device=template.positions.device)
-            meta = pad_decode_metadata(template, size, max_blocks)  # all padding rows
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up (Triton compiles, allocator settles) off the graph
-                model.decode(tokens, meta, caches)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = model.decode(tokens, meta, caches)
-            pool = graph.pool()
-            self.graphs[size] = (graph, tokens, meta, out)
+        self.graphs: dict[int, tuple[Callable[[], object], Tensor, Tensor, DecodeMetadata]] = {}  # replay, out, inputs
+        self._pool = None  # the memory pool the graphs share
+        with torch.no_grad():
+            for size in reversed(self.sizes):  # largest first, so the smaller graphs reuse its memory pool
+                tokens = torch.zeros(size, dtype=torch.long, device=template.positions.device)
+                meta = pad_decode_metadata(template, size, max_blocks)  # all padding rows
+                self.graphs[size] = (*self._capture(tokens, meta), tokens, meta)
+
+    def _capture(self, tokens: Tensor, meta: DecodeMetadata) -> tuple[Callable[[], object], Tensor]:
+        """Record the decode step on these static inputs -> (replay, the static output it writes)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, allocator settles) off the graph
+            self.model.decode(tokens, meta, self.caches)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.decode(tokens, meta, self.caches)
+        self._pool = graph.pool()
+        return graph.replay, out
 
     def size_for(self, batch: int) -> int | None:
         """The smallest captured size that holds `batch` rows (None: run eagerly)."""
@@ -52,11 +59,11 @@ class DecodeGraphs:
         size = self.size_for(len(tokens))
         if size is None or meta.block_tables.shape[1] > self.max_blocks:
             return self.model.decode(tokens, meta, self.caches)
-        graph, static_tokens, static_meta, out = self.graphs[size]
+        replay, out, static_tokens, static_meta = self.graphs[size]
         static_tokens.zero_()[: len(tokens)] = tokens
         padded = pad_decode_metadata(meta, size, self.max_blocks)
         for f in fields(DecodeMetadata):
             getattr(static_meta, f.name).copy_(getattr(padded, f.name))
-        graph.replay()
+        replay()
         return out[: len(tokens)].clone()
 

@@ -7,13 +7,14 @@ import sys
 import uuid
 
 from engine.async_engine import AsyncEngine
-from engine.config import add_engine_args, engine_args_from
+from engine.config import EngineArgs
 from engine.admission import PreparedRequest
 from engine.sampling_params import SamplingParams
+from engine.settings import add_flags, from_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_engine_args(parser)
+    add_flags(parser, EngineArgs)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -32,7 +33,7 @@ async def _stream(engine: AsyncEngine, request: PreparedRequest) -> None:
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    engine = AsyncEngine(engine_args_from(args))
+    engine = AsyncEngine(from_args(EngineArgs, args))
     request = engine.gate.prepare(args.prompt, params)
     engine.start()
     try:

@@ -43,11 +43,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message
 
 from engine.async_engine import AsyncEngine
-from engine.config import EngineArgs, engine_args_from
+from engine.config import EngineArgs
+from engine.settings import from_args
 from models.registry import resolve_model
 from server.app import create_app
 from server.errors import APIError, error_event, error_response
-from server.scale_out import ScaleOut, flags_from, scale_out_from
+from server.scale_out import ScaleOut, flags_from
+from server.serve import ServerSettings, configure
 from server.serving import Serving
 from server.sse import DONE
 
@@ -331,29 +333,28 @@ class AttambaIngress:
 
 
 # ---- building and running the application ------------------------------------------------------------------------
-def build_app(args: Any, scale: ScaleOut) -> serve.Application:
-    """The application for `attamba serve` flags `args` (an argparse namespace) and `scale`."""
-    engine_args = engine_args_from(args)
-    if not args.threads:  # as many torch threads as the CPUs a replica reserves
+def build_app(engine_args: EngineArgs, settings: ServerSettings, scale: ScaleOut) -> serve.Application:
+    """The application for the settings of `attamba serve`."""
+    if not engine_args.threads:  # as many torch threads as the CPUs a replica reserves
         engine_args = replace(engine_args, threads=max(1, int(scale.replica_cpus)))
-    app_kwargs = {"api_key": args.api_key, "max_body_bytes": args.max_body_bytes,
-                  "served_model_name": args.served_model_name, "allowed_origins": args.allowed_origins,
-                  "ui": not args.no_ui}
+    app_kwargs = {"api_key": settings.api_key, "max_body_bytes": settings.max_body_bytes,
+                  "served_model_name": settings.served_model_name, "allowed_origins": settings.allowed_origins,
+                  "ui": settings.ui}
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": scale.replica_cpus},
         # the engine's own waiting queue answers 429 beyond this, as the single process does
         "max_ongoing_requests": engine_args.max_num_seqs + engine_args.max_waiting,
-        "graceful_shutdown_timeout_s": args.grace_period + ABORT_WAIT_S,
+        "graceful_shutdown_timeout_s": settings.grace_period + ABORT_WAIT_S,
     }
     if scale.autoscaling:
         options["autoscaling_config"] = scale.autoscaling_config()
     else:
-        options["num_replicas"] = scale.replicas
+        options["num_replicas"] = scale.num_replicas
     if scale.router == "prefix":
         options["request_router_config"] = RequestRouterConfig(request_router_class=PrefixAffinityRouter)
     hub = MetricsHub.bind()
     engine = AttambaEngine.options(**options).bind(engine_args, app_kwargs, hub)
-    return AttambaIngress.bind(engine, hub, args.max_body_bytes, scale.router == "prefix")
+    return AttambaIngress.bind(engine, hub, settings.max_body_bytes, scale.router == "prefix")
 
 
 def build(args: dict[str, Any]) -> serve.Application:
@@ -362,12 +363,10 @@ def build(args: dict[str, Any]) -> serve.Application:
     value is a bare flag. --host, --port and --ray-address are the cluster's, not the application's."""
     import argparse
 
-    from server.serve import configure
-
     parser = argparse.ArgumentParser(prog="server.ray_app:build")
     configure(parser)
     ns = parser.parse_args(flags_from(args))
-    return build_app(ns, scale_out_from(ns) or ScaleOut())
+    return build_app(from_args(EngineArgs, ns), from_args(ServerSettings, ns), from_args(ScaleOut, ns))
 
 
 class _Signals:
@@ -401,10 +400,10 @@ def _drain(hub: DeploymentHandle, signals: _Signals, grace_period_s: float) -> N
             time.sleep(REPORT_S)
 
 
-def run(args: Any, scale: ScaleOut) -> int:
+def run(engine_args: EngineArgs, settings: ServerSettings, scale: ScaleOut) -> int:
     """Start (or join) a Ray cluster, deploy the application on --host/--port, serve until SIGTERM, drain."""
-    args.model = str(resolve_model(args.model))  # a named model is converted once, here
-    app = build_app(args, scale)
+    engine_args = replace(engine_args, model=str(resolve_model(engine_args.model)))  # a named model: converted once
+    app = build_app(engine_args, settings, scale)
     root = str(Path(__file__).resolve().parents[1])  # a local cluster's workers import this checkout first
     local = {} if scale.ray_address else {
         "num_cpus": max(len(os.sched_getaffinity(0)), math.ceil(scale.most_replicas * scale.replica_cpus)),
@@ -414,15 +413,15 @@ def run(args: Any, scale: ScaleOut) -> int:
     ray.init(address=scale.ray_address, logging_level=logging.WARNING, **local)
     signals = _Signals()  # after ray.init, which installs its own SIGTERM handler
     try:
-        logging_config = LoggingConfig(log_level=args.log_level.upper(), enable_access_log=False)
-        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logging_config)
+        logging_config = LoggingConfig(log_level=settings.log_level.upper(), enable_access_log=False)
+        serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logging_config)
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
-        count = scale.replicas if not scale.autoscaling else f"{scale.min_replicas}..{scale.max_replicas}"
-        log.info("serving %s with %s replicas (%s router) on http://%s:%d; ray cluster at %s", args.model, count,
-                 scale.router, args.host, args.port, ray.get_runtime_context().gcs_address)
+        count = f"{scale.autoscale[0]}..{scale.autoscale[1]}" if scale.autoscaling else scale.num_replicas
+        log.info("serving %s with %s replicas (%s router) on http://%s:%d; ray cluster at %s", engine_args.model,
+                 count, scale.router, settings.host, settings.port, ray.get_runtime_context().gcs_address)
         while not signals.event.wait(0.5):
             pass
-        _drain(serve.get_deployment_handle("MetricsHub", app_name=APP_NAME), signals, args.grace_period)
+        _drain(serve.get_deployment_handle("MetricsHub", app_name=APP_NAME), signals, settings.grace_period)
         if scale.ray_address:  # a shared cluster keeps Serve and its other applications
             serve.delete(APP_NAME)
         else:

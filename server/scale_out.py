@@ -8,49 +8,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from engine.settings import setting
+
 ROUTERS = ("default", "prefix")
-
-
-@dataclass(frozen=True)
-class ScaleOut:
-    """How many engine replicas, how they scale and how requests are routed to them."""
-
-    replicas: int = 1  # fixed count, or the initial count when autoscaling
-    min_replicas: int | None = None  # autoscaling bounds (both or neither)
-    max_replicas: int | None = None
-    target_ongoing_requests: float = 8.0  # autoscaling target per replica
-    replica_cpus: float = 1.0  # Ray CPUs each replica reserves (and its torch threads unless --threads)
-    router: str = "default"  # Ray Serve's power-of-two-choices, or prompt-prefix affinity
-    ray_address: str | None = None  # join a running cluster instead of starting a local one
-
-    def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
-        if (self.min_replicas is None) != (self.max_replicas is None):
-            raise ValueError("--autoscale needs both MIN and MAX")
-        if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas >= 1:
-            raise ValueError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got "
-                             f"{self.min_replicas}:{self.max_replicas}")
-        if self.target_ongoing_requests <= 0:
-            raise ValueError(f"--target-ongoing-requests must be > 0, got {self.target_ongoing_requests}")
-        if self.replica_cpus <= 0:
-            raise ValueError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
-
-    @property
-    def autoscaling(self) -> bool:
-        return self.min_replicas is not None
-
-    @property
-    def most_replicas(self) -> int:
-        return self.max_replicas if self.max_replicas is not None else self.replicas
-
-    def autoscaling_config(self) -> dict[str, float | int]:
-        """Ray Serve's autoscaling_config for the engine deployment (autoscaling only)."""
-        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "initial_replicas": min(max(self.replicas, self.min_replicas), self.max_replicas),
-                "target_ongoing_requests": self.target_ongoing_requests}
 
 
 def _min_max(text: str) -> tuple[int, int]:
@@ -61,25 +21,61 @@ def _min_max(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected MIN:MAX (e.g. 1:4), got {text!r}") from None
 
 
-def add_scale_out_args(parser: argparse.ArgumentParser) -> None:
-    """The `attamba serve` flags that select and size the Ray Serve application."""
-    group = parser.add_argument_group("scale-out on Ray Serve (needs the `ray` extra)")
-    group.add_argument("--replicas", type=int, default=None,
-                       help="serve N engine replicas behind one endpoint on a local (or --ray-address) Ray "
-                            "cluster; each replica has its own engine and --cache-memory (default: one process, "
-                            "no Ray)")
-    group.add_argument("--autoscale", type=_min_max, default=None, metavar="MIN:MAX",
-                       help="autoscale the replicas between MIN and MAX (starting at --replicas, or MIN)")
-    group.add_argument("--target-ongoing-requests", type=float, default=ScaleOut.target_ongoing_requests,
-                       help="autoscaling target of requests in flight per replica (default: %(default)s)")
-    group.add_argument("--replica-cpus", type=float, default=ScaleOut.replica_cpus,
-                       help="Ray CPUs per replica, also its torch threads unless --threads is set "
-                            "(default: %(default)s)")
-    group.add_argument("--router", choices=ROUTERS, default=ScaleOut.router,
-                       help="default: Ray Serve's power of two choices; prefix: requests sharing a prompt prefix "
-                            "go to the same replica while it is not overloaded (default: %(default)s)")
-    group.add_argument("--ray-address", default=None,
-                       help="address of a running Ray cluster to deploy on (default: start a local one)")
+@dataclass(frozen=True)
+class ScaleOut:
+    """Scale-out on Ray Serve (needs the `ray` extra): how many engine replicas, how they scale and are routed."""
+
+    replicas: int | None = setting(None, "serve N engine replicas behind one endpoint on a local (or --ray-address) "
+                                   "Ray cluster, each with its own engine and --cache-memory; with --autoscale, the "
+                                   "count it starts at", shown="one process, no Ray")
+    autoscale: tuple[int, int] | None = setting(None, "autoscale the replicas between MIN and MAX (starting at "
+                                                "--replicas, or MIN)", parse=_min_max, metavar="MIN:MAX")
+    target_ongoing_requests: float = setting(8.0, "autoscaling target of requests in flight per replica")
+    replica_cpus: float = setting(1.0, "Ray CPUs per replica, also its torch threads unless --threads is set")
+    router: str = setting("default", "default: Ray Serve's power of two choices; prefix: requests sharing a prompt "
+                          "prefix go to the same replica while it is not overloaded", choices=ROUTERS)
+    ray_address: str | None = setting(None, "address of a running Ray cluster to deploy on",
+                                      shown="start a local one")
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
+        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
+            raise ValueError("--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got "
+                             f"{self.autoscale[0]}:{self.autoscale[1]}")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError(f"--target-ongoing-requests must be > 0, got {self.target_ongoing_requests}")
+        if self.replica_cpus <= 0:
+            raise ValueError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"--router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server runs on Ray Serve (--replicas or --autoscale) rather than as one process."""
+        return self.replicas is not None or self.autoscale is not None
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.autoscale is not None
+
+    @property
+    def num_replicas(self) -> int:
+        """The fixed count, or the count autoscaling starts at: --replicas within MIN..MAX, else MIN (at least 1)."""
+        if self.autoscale is None:
+            return self.replicas or 1
+        low, high = self.autoscale
+        return min(max(self.replicas or low, low, 1), high)
+
+    @property
+    def most_replicas(self) -> int:
+        return self.autoscale[1] if self.autoscale is not None else self.num_replicas
+
+    def autoscaling_config(self) -> dict[str, float | int]:
+        """Ray Serve's autoscaling_config for the engine deployment (autoscaling only)."""
+        low, high = self.autoscale
+        return {"min_replicas": low, "max_replicas": high, "initial_replicas": self.num_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests}
 
 
 def flags_from(args: dict[str, object]) -> list[str]:
@@ -91,14 +87,3 @@ def flags_from(args: dict[str, object]) -> list[str]:
         if value is not True:
             argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
     return argv
-
-
-def scale_out_from(ns: argparse.Namespace) -> ScaleOut | None:
-    """The scale-out settings, or None when the server stays one process (no --replicas, no --autoscale)."""
-    if ns.replicas is None and ns.autoscale is None:
-        return None
-    low, high = ns.autoscale if ns.autoscale is not None else (None, None)
-    replicas = ns.replicas if ns.replicas is not None else max(low or 1, 1)
-    return ScaleOut(replicas=replicas, min_replicas=low, max_replicas=high,
-                    target_ongoing_requests=ns.target_ongoing_requests, replica_cpus=ns.replica_cpus,
-                    router=ns.router, ray_address=ns.ray_address)

@@ -13,15 +13,17 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
 
 from engine.async_engine import AsyncEngine
-from engine.config import add_engine_args, engine_args_from, parse_bytes
+from engine.config import EngineArgs, parse_bytes
+from engine.settings import add_flags, from_args, setting
 from server.app import create_app
 from server.lifecycle import Lifecycle
-from server.scale_out import add_scale_out_args, scale_out_from
+from server.scale_out import ScaleOut
 
 SHUTDOWN_TIMEOUT_S = 1  # after the drain: how long uvicorn waits before cancelling leftover responses
 ABORT_WAIT_S = 2.0  # after aborting what is left: how long its streams get to send their last chunks
@@ -29,25 +31,32 @@ ABORT_WAIT_S = 2.0  # after aborting what is left: how long its streams get to s
 log = logging.getLogger("attamba.serve")
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP server settings (the engine's are EngineArgs, the replicas' ScaleOut)."""
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port to listen on (0: any free one)")
+    api_key: str | None = setting(doc="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize",
+                                  factory=lambda: os.environ.get("ATTAMBA_API_KEY"), shown="$ATTAMBA_API_KEY")
+    served_model_name: str | None = setting(None, "model id clients use", shown="the checkpoint directory's name")
+    allowed_origins: tuple[str, ...] | None = setting(None, "enable CORS for these origins, '*' for any",
+                                                      metavar="ORIGIN", shown="CORS off")
+    ui: bool = setting(True, "serve the playground page at /")
+    max_body_bytes: int = setting(1 << 20, "larger request bodies get 413", parse=parse_bytes, shown="1MiB")
+    grace_period: float = setting(30.0, "seconds running requests get after SIGTERM before they are aborted")
+    log_level: str = setting("info", "server log level", choices=("critical", "error", "warning", "info", "debug"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.grace_period < 0:
+            raise ValueError(f"--grace-period must be >= 0, got {self.grace_period}")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_engine_args(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("ATTAMBA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
-                             "(default: $ATTAMBA_API_KEY)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model id clients use (default: the checkpoint directory's name)")
-    parser.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
-                        help="enable CORS for these origins, '*' for any (default: CORS off)")
-    parser.add_argument("--no-ui", action="store_true", help="do not serve the playground page at /")
-    parser.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
-                        help="larger request bodies get 413 (default: %(default)s)")
-    parser.add_argument("--grace-period", type=float, default=30.0,
-                        help="seconds running requests get after SIGTERM before they are aborted (default: %(default)s)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                        help="(default: %(default)s)")
-    add_scale_out_args(parser)
+    for settings in (EngineArgs, ServerSettings, ScaleOut):
+        add_flags(parser, settings)
 
 
 class DrainingServer(uvicorn.Server):
@@ -105,29 +114,26 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.grace_period < 0:
-        raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    settings = from_args(ServerSettings, args)
+    engine_args = from_args(EngineArgs, args)  # bad flags fail here, before a cluster or an engine starts
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     # ---- scale-out: --replicas / --autoscale serve through Ray Serve (server/ray_app.py) ----
-    scale = scale_out_from(args)
-    if scale is not None:
-        engine_args_from(args)  # bad engine flags fail here, before a cluster starts
+    scale = from_args(ScaleOut, args)
+    if scale.enabled:
         if scale.ray_address is None:
-            _listen(args.host, args.port).close()  # a taken port too
+            _listen(settings.host, settings.port).close()  # a taken port too
         if importlib.util.find_spec("ray") is None:
             raise RuntimeError("--replicas and --autoscale need Ray Serve: pip install 'attamba-serve[ray]'")
         from server import ray_app
-        return ray_app.run(args, scale)
+        return ray_app.run(engine_args, settings, scale)
     # ---- end scale-out ----
-    engine = AsyncEngine(engine_args_from(args))
-    app = create_app(engine, args.api_key, args.max_body_bytes, args.served_model_name, args.allowed_origins,
-                     ui=not args.no_ui)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
+    engine = AsyncEngine(engine_args)
+    app = create_app(engine, settings.api_key, settings.max_body_bytes, settings.served_model_name,
+                     settings.allowed_origins, ui=settings.ui)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="off",
                             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
-    server = DrainingServer(config, app.state.serving.lifecycle, args.grace_period)
-    with _listen(args.host, args.port) as sock:
+    server = DrainingServer(config, app.state.serving.lifecycle, settings.grace_period)
+    with _listen(settings.host, settings.port) as sock:
         engine.start()
         host, port = sock.getsockname()[:2]
         log.info("serving %s (max_model_len %d, cache %d bytes) on http://%s:%d",

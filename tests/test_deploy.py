@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.scale_out import flags_from, scale_out_from
+from engine.settings import from_args
+from server.scale_out import ScaleOut, flags_from
 from server.serve import configure
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with the dev extras (transformers, schemathesis)
@@ -47,8 +48,8 @@ def test_rayservice_runs_this_projects_application_builder() -> None:
     source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
     assert re.search(rf"^def {attr}\(args: dict", source, re.M), app["import_path"]
     args = serve_args(flags_from(app["args"]))
-    scale = scale_out_from(args)
-    assert scale is not None and scale.autoscaling and (repo_path(args.model) / "config.json").is_file()
+    scale = from_args(ScaleOut, args)
+    assert scale.autoscaling and (repo_path(args.model) / "config.json").is_file()
     port = serve_config["http_options"]["port"]
     cluster = service["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -56,7 +57,7 @@ def test_rayservice_runs_this_projects_application_builder() -> None:
     (engines,) = cluster["workerGroupSpecs"]
     worker_cpus = float(engines["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
     replicas_per_pod = worker_cpus // scale.replica_cpus
-    assert replicas_per_pod * engines["maxReplicas"] >= scale.max_replicas  # the pods can hold every replica
+    assert replicas_per_pod * engines["maxReplicas"] >= scale.most_replicas  # the pods can hold every replica
     pinned = re.search(r'"ray\[serve\]>=([\d.]+),<(\d+)"', (ROOT / "pyproject.toml").read_text())
     version = tuple(int(x) for x in cluster["rayVersion"].split("."))
     assert pinned and tuple(int(x) for x in pinned.group(1).split(".")) <= version < (int(pinned.group(2)),)
@@ -70,7 +71,7 @@ def test_kubernetes_deployment_service_and_hpa_fit_the_server() -> None:
     command = entrypoint()
     assert command[:2] == ["attamba", "serve"]
     args = serve_args(command[2:] + container["args"])
-    assert scale_out_from(args) is None  # the single process, no Ray
+    assert not from_args(ScaleOut, args).enabled  # the single process, no Ray
     assert (repo_path(args.model) / "config.json").is_file()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == args.port == int(pod["metadata"]["annotations"]["prometheus.io/port"])
@@ -90,4 +91,4 @@ def test_kubernetes_deployment_service_and_hpa_fit_the_server() -> None:
 @pytest.mark.parametrize("args", [{"replicas": 0}, {"autoscale": "4:1"}, {"router": "random"}, {"no-such-flag": 1}])
 def test_bad_application_args_are_refused(args: dict) -> None:
     with pytest.raises((argparse.ArgumentError, ValueError, SystemExit)):
-        scale_out_from(serve_args(flags_from({"model": "checkpoints/attamba-wt2", **args})))
+        from_args(ScaleOut, serve_args(flags_from({"model": "checkpoints/attamba-wt2", **args})))

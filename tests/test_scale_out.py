@@ -39,6 +39,8 @@ def test_replicas_without_ray_say_how_to_install_it(tiny_ckpt: Path, capsys, mon
 
 
 def test_autoscaling_config_starts_within_its_bounds() -> None:
-    config = ScaleOut(replicas=1, min_replicas=2, max_replicas=4, target_ongoing_requests=3).autoscaling_config()
+    config = ScaleOut(replicas=1, autoscale=(2, 4), target_ongoing_requests=3).autoscaling_config()
     assert config == {"min_replicas": 2, "max_replicas": 4, "initial_replicas": 2, "target_ongoing_requests": 3}
-    assert ScaleOut(replicas=3).most_replicas == 3 and not ScaleOut().autoscaling
+    assert ScaleOut(autoscale=(0, 4)).num_replicas == 1 and ScaleOut(replicas=9, autoscale=(1, 4)).num_replicas == 4
+    assert ScaleOut(replicas=3).most_replicas == 3 and ScaleOut(replicas=3).enabled
+    assert not ScaleOut().autoscaling and not ScaleOut().enabled and ScaleOut().num_replicas == 1

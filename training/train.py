@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.settings import add_flags, build, from_args, read_json, setting
 from models.config import ModelConfig
 from .data import batches, cache_dir, encode_corpus, read_split
 from .evaluate import evaluate_ppl
 from models.lm import LM, build_model
 from models.loading import save_checkpoint
 from models.tokenizer import Tokenizer
+from .run_flags import RunFlags
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -71,25 +73,21 @@ class TrainConfig:
         return self.batch_size * self.seq_len
 
 
+@dataclass(frozen=True)
+class TrainFlags:
+    """Training: the config file and the device (the run directory's flags are RunFlags)."""
+
+    config: str = setting(doc="JSON file with 'model' and 'train' sections")
+    device: str = setting(doc="where the model trains", factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
+                          shown="cuda when available, else cpu")
+
+
 def load_config(path: str | Path) -> tuple[dict, TrainConfig]:
     """Read a config file -> (model section, TrainConfig); ValueError on malformed content."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or not isinstance(raw.get("train"), dict):
         raise ValueError(f"{path} needs a 'model' and a 'train' object")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw["train"]) - names)
-    if unknown:
-        raise ValueError(f"{path}: unknown train fields {unknown}")
-    try:
-        return raw["model"], TrainConfig(**raw["train"])
-    except TypeError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    return raw["model"], build(TrainConfig, raw["train"], f"{path}: train")
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -177,19 +175,17 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="JSON file with 'model' and 'train' sections")
-    parser.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, final export)")
-    parser.add_argument("--resume", choices=["auto"], help="auto: continue from OUT/train_state.pt if it exists")
-    parser.add_argument("--max-minutes", type=float, help="checkpoint and exit cleanly after this much wall-clock time")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_flags(parser, TrainFlags)
+    add_flags(parser, RunFlags)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    model_section, tc = load_config(args.config)
-    out = Path(args.out)
+    flags, run_flags = from_args(TrainFlags, args), from_args(RunFlags, args)
+    model_section, tc = load_config(flags.config)
+    out = Path(run_flags.out)
     state_path = out / STATE_FILE
-    if state_path.exists() and args.resume != "auto":
+    if state_path.exists() and run_flags.resume != "auto":
         raise ValueError(f"{out} already holds a training run; pass --resume auto or choose another --out")
     tok_path = Path(tc.tokenizer)
     if not tok_path.is_file():
@@ -202,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     config = {"model": cfg.to_dict(), "train": dataclasses.asdict(tc)}
 
     torch.set_num_threads(tc.threads)
-    device = torch.device(args.device)
+    device = torch.device(flags.device)
     model = build_model(cfg, tc.seed).to(device)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -217,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
 
     train_ids = load_train_ids(tokenizer, tc)
     valid_text = _text(tc.valid_text, "valid")
-    deadline = math.inf if args.max_minutes is None else started + args.max_minutes * 60
-    finished = _loop(model, opt, gen, train_ids, valid_text, tokenizer, tc, config, out, step, deadline)
+    finished = _loop(model, opt, gen, train_ids, valid_text, tokenizer, tc, config, out, step,
+                     run_flags.deadline(started))
     if not finished:
         print(f"time budget reached; state saved in {state_path} (continue with --resume auto)", file=sys.stderr)
         return 0

@@ -42,12 +42,14 @@ from models.loading import load_model, save_checkpoint
 from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
+from engine.settings import add_flags, check_fields, from_args, read_json, setting
 from server.chat import load_chat_template
 
 from .corpus import SOURCES, read_source, summaries
 from .data import batches, cache_dir, encode_corpus
 from .lora import add_lora, lora_factors, parse_targets
 from .mixture import Mixture, MixtureConfig
+from .run_flags import RunFlags
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -59,36 +61,36 @@ RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "in
 class UptrainConfig:
     """Everything a run depends on (also a JSON file for --config; flags override it)."""
 
-    teacher: str = "smollm2-135m"  # named model or checkpoint directory (kind transformer)
-    chunk_size: int = 8  # P
-    window: int = 8  # L
-    ssm_state: int = 16  # N
-    ssm_inner: int = 64  # E
-    ssm_heads: int = 4  # h
-    seq_len: int = 256
-    batch_size: int = 4
-    stage1_steps: int = 200
-    stage2_steps: int = 100
-    lr1: float = 3e-3
-    lr2: float = 1e-3
-    warmup_steps: int = 10
-    ce_weight: float = 0.1  # stage 2 loss = KL(teacher || student) + ce_weight * CE
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ckpt_interval: int = 25
-    threads: int = 1
-    seed: int = 0
-    corpus: str = "wikitext2"  # comma-separated sources of training/corpus.py
-    train_text: str | None = None  # a UTF-8 text file instead of the corpus
-    init_from: str | None = None  # a student checkpoint whose SSM weights start this run
-    lora_rank: int = 0  # stage-2 adapters (0: none)
-    lora_alpha: float = 16.0
-    lora_targets: str = "wq,wo"
-    lr_lora: float = 2e-4
-    chat_frac: float = 0.0  # stage-2 rows that are packed chats (needs the wiki-summaries source)
-    recall_frac: float = 0.0  # stage-2 rows that are recall tasks
-    recall_weight: float = 10.0  # loss weight of a recall answer's tokens
-    autocast: bool = False  # bf16 autocast for teacher and student (CPU with native bf16)
+    teacher: str = setting("smollm2-135m", "named model or checkpoint directory of a transformer")
+    chunk_size: int = setting(8, "the student's chunk size P")
+    window: int = setting(8, "the student's window L")
+    ssm_state: int = setting(16, "SSM state size N")
+    ssm_inner: int = setting(64, "SSM inner width E")
+    ssm_heads: int = setting(4, "SSM heads h")
+    seq_len: int = setting(256, "tokens per training row")
+    batch_size: int = setting(4, "rows per step")
+    stage1_steps: int = setting(200, "attention-transfer steps")
+    stage2_steps: int = setting(100, "distillation steps")
+    lr1: float = setting(3e-3, "stage-1 peak learning rate")
+    lr2: float = setting(1e-3, "stage-2 peak learning rate of the SSMs")
+    warmup_steps: int = setting(10, "linear warmup steps of each stage")
+    ce_weight: float = setting(0.1, "stage-2 loss = KL(teacher || student) + ce_weight x cross-entropy")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "gradient norm clip")
+    ckpt_interval: int = setting(25, "steps between saved states")
+    threads: int = setting(1, "torch CPU threads")
+    seed: int = setting(0, "seed of the new weights and the data order")
+    corpus: str = setting("wikitext2", f"comma-separated training sources among {', '.join(SOURCES)}")
+    train_text: str | None = setting(None, "a UTF-8 text file to train on instead of the corpus", metavar="FILE")
+    init_from: str | None = setting(None, "a student checkpoint whose SSM weights start this run", metavar="DIR")
+    lora_rank: int = setting(0, "rank of the stage-2 low-rank adapters (0: none)")
+    lora_alpha: float = setting(16.0, "adapter scale numerator (the update is alpha / rank x B A)")
+    lora_targets: str = setting("wq,wo", "comma-separated projections that get adapters")
+    lr_lora: float = setting(2e-4, "stage-2 peak learning rate of the adapters")
+    chat_frac: float = setting(0.0, "stage-2 rows that are packed chats (needs the wiki-summaries source)")
+    recall_frac: float = setting(0.0, "stage-2 rows that are recall tasks")
+    recall_weight: float = setting(10.0, "loss weight of a recall answer's tokens")
+    autocast: bool = setting(False, "bf16 autocast for teacher and student (CPU with native bf16)")
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "ssm_state", "ssm_inner", "ssm_heads", "seq_len", "batch_size", "ckpt_interval",
@@ -370,57 +372,34 @@ class Run:
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclass(frozen=True)
+class UptrainFlags:
+    """Uptraining: an optional config file (the UptrainConfig flags go over its values)."""
+
+    config: str | None = setting(None, "JSON object of uptrain settings (the flags below override it)",
+                                 metavar="FILE")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="run directory (train_state.pt, log.jsonl, the exported student)")
-    parser.add_argument("--config", help="JSON object of uptrain settings (the flags below override it)")
-    parser.add_argument("--resume", choices=["auto"], help="auto: continue from OUT/train_state.pt if it exists")
-    parser.add_argument("--max-minutes", type=float, help="checkpoint, export and exit after this much wall-clock time")
-    for f in dataclasses.fields(UptrainConfig):
-        if isinstance(f.default, bool):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default {f.default})")
-            continue
-        kind = str if f.default is None else type(f.default)
-        parser.add_argument(_flag(f.name), type=kind, default=None, help=f"(default {f.default})")
+    add_flags(parser, RunFlags)
+    add_flags(parser, UptrainFlags)
+    add_flags(parser, UptrainConfig, overrides=True)
 
 
 def load_uptrain_config(args: argparse.Namespace) -> UptrainConfig:
     """Defaults, then the --config file, then the flags given."""
-    values: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        names = {f.name for f in dataclasses.fields(UptrainConfig)}
-        if not isinstance(values, dict) or set(values) - names:
-            raise ValueError(f"{path}: expected an object of uptrain settings; unknown: {sorted(set(values) - names)}")
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(UptrainConfig)
-                   if getattr(args, f.name) is not None})
-    try:
-        return UptrainConfig(**values)
-    except TypeError as exc:
-        raise ValueError(f"uptrain config: {exc}") from exc
+    path = from_args(UptrainFlags, args).config
+    return from_args(UptrainConfig, args, check_fields(UptrainConfig, read_json(path), path) if path else None)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    uc = load_uptrain_config(args)
-    out = Path(args.out)
-    if (out / STATE_FILE).exists() and args.resume != "auto":
+    uc, run_flags = load_uptrain_config(args), from_args(RunFlags, args)
+    out = Path(run_flags.out)
+    if (out / STATE_FILE).exists() and run_flags.resume != "auto":
         raise ValueError(f"{out} already holds an uptraining run; pass --resume auto or choose another --out")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ValueError("--max-minutes must be positive")
     torch.set_num_threads(uc.threads)
-    deadline = math.inf if args.max_minutes is None else started + args.max_minutes * 60
-    job = Run(uc, out, deadline)
+    job = Run(uc, out, run_flags.deadline(started))
     if (out / STATE_FILE).exists():
         job.load_state()
     else:
