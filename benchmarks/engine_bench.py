@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from engine import EngineArgs, LLMEngine, SamplingParams
-from engine.cache_manager import CacheLayout, CacheManager
+from engine.cache_layout import CacheLayout
+from engine.cache_manager import CacheManager
 from engine.sequence import Sequence, SeqStatus
 from engine.config import DTYPES
 from models import ModelConfig, build_model, save_checkpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cache_manager import CacheLayout
+from engine.cache_layout import CacheLayout
 from engine.config import parse_bytes
 from models import ModelConfig
 

@@ -59,7 +59,7 @@ def cached_prefix_bytes(path: Path, prefix: list[int], budget: int) -> int:
     its prefill saves (asked of a fresh engine's prefix cache, nothing computed)."""
     cache = _engine(path, budget, True, len(prefix) + 64).cache
     seq = Sequence("p", 0, prefix, SamplingParams(), 1, decoder=None)
-    hit = cache.lookup(seq)
+    hit = cache.prefix.lookup(seq)
     blocks = len(cache.prefix.chain(seq)) + len(hit.points) * cache.layout.snapshot_blocks
     return blocks * cache.layout.block_bytes
 

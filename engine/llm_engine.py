@@ -13,7 +13,8 @@ from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
 from .admission import AdmissionGate, PreparedRequest
-from .cache_manager import CacheLayout, CacheManager
+from .cache_layout import CacheLayout
+from .cache_manager import CacheManager
 from .config import EngineArgs
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor

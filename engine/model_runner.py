@@ -25,7 +25,7 @@ from models.lm import LM, LayerSSMState
 from models.paged import DecodeMetadata, LayerCache, build_decode_metadata
 from models.ssm import SSMState
 
-from .cache_manager import CacheLayout
+from .cache_layout import CacheLayout
 from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from .sequence import Sequence
 

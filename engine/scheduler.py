@@ -66,14 +66,12 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and self.num_preemptions == preemptions):
             seq = self.waiting[0]
-            hit = self.cache.lookup(seq)
-            if hit is None:
-                break  # its next block is being computed: wait for it rather than compute it twice
+            resumed = self.cache.resume(seq)
+            if resumed is None:  # it does not fit, or its next block is being computed by a running
+                break  # sequence (wait rather than compute it twice); FCFS: nobody overtakes it
+            hit, load = resumed
             n = hit.chunk(min(seq.num_tokens - hit.num_tokens, budget))
-            if not self.cache.can_admit(seq, hit, seq.num_tokens):
-                break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            load = self.cache.admit(seq, hit)
             seq.num_computed = hit.num_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

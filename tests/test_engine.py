@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, ContextLengthExceeded, EngineArgs, LLMEngine, QueueFull, SamplingParams
-from engine.cache_manager import CacheLayout
+from engine.cache_layout import CacheLayout
 from models import load_model, state_bytes
 
 

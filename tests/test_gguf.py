@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
 from engine.async_engine import AsyncEngine
-from engine.cache_manager import CacheLayout
+from engine.cache_layout import CacheLayout
 from models import ModelConfig, build_model, decode_step, load_model, prefill, registry, save_checkpoint, state_bytes
 from models.loading import WEIGHTS
 from models.tokenizer import Tokenizer

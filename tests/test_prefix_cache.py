@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
-from engine.cache_manager import CacheLayout
-from engine.prefix_cache import PrefixCache
+from engine.block_pool import BlockPool
+from engine.cache_layout import CacheLayout
+from engine.prefix_index import PrefixIndex
 from models import ModelConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -26,9 +27,9 @@ def reference(path, prompts: list[list[int]], params: SamplingParams = GREEDY) -
 def assert_released(engine: LLMEngine) -> None:
     """Nothing held once every request ended; after a reset nothing is cached either."""
     cache = engine.cache
-    assert cache.all_free() and engine.stats().cache_bytes_used == 0 and not any(cache.ref)
-    cache.reset_prefix_cache()
-    assert engine.stats().prefix_cache_bytes == 0 and len(cache.free_blocks) == cache.num_blocks
+    assert cache.all_free() and engine.stats().cache_bytes_used == 0 and not any(cache.pool.ref)
+    cache.pool.reset()
+    assert engine.stats().prefix_cache_bytes == 0 and len(cache.pool.free) == cache.num_blocks
 
 
 @pytest.mark.parametrize("chunk_size,n_layers,block_size", [(4, 2, 2), (8, 8, 16), (8, 3, 1), (3, 8, 4), (1, 2, 2)])
@@ -90,7 +91,7 @@ def test_n_choices_share_the_prompt(tiny_ckpt) -> None:
 def test_different_chunk_sizes_never_share() -> None:
     a, b = (CacheLayout.for_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=p), 2,
                                   torch.float32) for p in (4, 2))
-    assert PrefixCache(a, 8).seed != PrefixCache(b, 8).seed  # the seed of every hash chain covers P
+    assert PrefixIndex(a, BlockPool(0), 8).seed != PrefixIndex(b, BlockPool(0), 8).seed  # the seed of every hash chain covers P
 
 
 def test_snapshots_round_trip_through_blocks(tiny_ckpt) -> None:

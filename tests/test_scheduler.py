@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cache_manager import CacheLayout, CacheManager
+from engine.cache_layout import CacheLayout
+from engine.cache_manager import CacheManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
@@ -54,14 +55,14 @@ def test_preemption_takes_the_newest_and_recomputes() -> None:
     sched.advance(sched.schedule())
     for s in (a, b):
         sample(s)
-    used = len(cache.free_blocks)
+    used = len(cache.pool.free)
     # grow a until the pool runs out: b (the newest) is preempted, queued first, and recomputes later
     while b.status is SeqStatus.RUNNING:
         batch = sched.schedule()
         sched.advance(batch)
         sample(a)
     assert sched.num_preemptions == 1 and b.num_computed == 0 and b.block_table == [] and b.slot == -1
-    assert sched.waiting[0] is b and len(cache.free_blocks) <= used
+    assert sched.waiting[0] is b and len(cache.pool.free) <= used
     sched.finish(a, "stop")
     batch = sched.schedule()
     assert [(s.request_id, n) for s, n in batch.work] == [("b", b.num_tokens)]  # prompt + output again
@@ -87,7 +88,7 @@ def test_cache_manager_never_leaks_or_double_allocates(ops) -> None:
         blocks = [b for t in seqs for b in t.block_table]
         slots = [t.slot for t in seqs if t.slot >= 0]
         assert len(blocks) == len(set(blocks)) and len(slots) == len(set(slots))  # nothing handed out twice
-        assert sorted(blocks + cache.free_blocks) == list(range(12))  # nothing lost
+        assert sorted(blocks + cache.pool.free) == list(range(12))  # nothing lost
         assert sorted(slots + cache.free_slots) == list(range(3))
         for j, t in held.items():
             assert len(seqs[j].block_table) == cache.layout.blocks(t)

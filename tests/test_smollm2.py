@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from engine import LLM, EngineArgs, SamplingParams  # noqa: E402
 from engine.async_engine import AsyncEngine  # noqa: E402
-from engine.cache_manager import CacheLayout  # noqa: E402
+from engine.cache_layout import CacheLayout  # noqa: E402
 from models import load_model, registry  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 from server.app import create_app  # noqa: E402
