@@ -57,7 +57,8 @@ def _checkpoint(root: Path, kind: str) -> Path:
 
 def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
     """Put `batch` running sequences with `ctx` cached tokens into the engine, ready to decode."""
-    W = engine.runner.spec.window_slots
+    spec = engine.runner.spec
+    W = spec.window_slots
     for i in range(batch):
         seq = Sequence(f"fill{i}", 0, [5] * ctx, SamplingParams(max_tokens=steps + 2, ignore_eos=True), steps + 2,
                        engine.tokenizer.incremental_decoder())
@@ -69,7 +70,7 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
         engine.requests[seq.request_id] = [seq]
         if W:
             pos = torch.arange(ctx - W, ctx, device=engine.device)
-            engine.runner.win_pos[seq.slot, pos % W] = pos
+            engine.runner.win_pos[seq.slot, spec.ring_slot(pos)] = pos
 
 
 def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int | None = None,

@@ -2,27 +2,25 @@
 
 Pools (L layers, Hkv x D cached heads, S state slots, W ring entries):
   k_pool, v_pool  [L, num_blocks, block_size, Hkv, D]  boundary (for full attention: every) K/V
-  win_k, win_v    [L, S, W, Hkv, D]                    ring of the last W K/V, entry = position % W
+  win_k, win_v    [L, S, W, Hkv, D]                    ring of the last W K/V (entry: CacheSpec.ring_slot)
   win_pos         [S, W]                               position held by each ring entry (-1 empty)
   ssm             [L, 2, S, h, E/h, N] fp32            K-SSM and V-SSM recurrent states
   conv            [L, 2, S, E + 2N, conv_width - 1]    their conv histories
 A prefix-cache snapshot is a slot's state (rings, ring positions, SSM and conv states) copied as
 bytes into pool blocks, so it shares the block budget.
-Sequences carry only block tables and a slot index. A decode step builds one DecodeMetadata
-(models/paged.py) and runs `LM.decode`, whose fused ops (kernels/) update the pools in place.
-The prefill chunks of a step run in one `LM.extend` (rows right-padded, each at its own start);
-only their attention over each sequence's cached context is per sequence.
+Sequences carry only block tables and a slot index. A step builds one metadata object
+(models/paged.py: which entries each op writes and reads) and runs the model: the prefill chunks
+in one `LM.prefill` (rows right-padded, each at its own start), the decodes in one `LM.decode`;
+their ops (kernels/) update the pools in place. The runner keeps the ring's positions itself.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from kernels import store_kv
 from kernels._triton import use_triton
-from models.attention import block_attention
 from models.lm import LM, LayerSSMState
-from models.paged import DecodeMetadata, LayerCache, build_decode_metadata
+from models.paged import DecodeMetadata, LayerCache, build_decode_metadata, build_prefill_metadata, record_ring
 from models.ssm import SSMState
 
 from .cache_layout import CacheLayout
@@ -114,69 +112,24 @@ class ModelRunner:
     def prefill(self, work: list[tuple[Sequence, int]]) -> Tensor:
         """Compute tokens [num_computed, num_computed + n) of every (seq, n) in one forward, rows
         right-padded to the longest chunk. Returns the logits [B, V] at each row's last token."""
-        dev, W = self.device, self.spec.window_slots
-        T = max(n for _, n in work)
+        dev, T = self.device, max(n for _, n in work)
         ids = torch.zeros(len(work), T, dtype=torch.long, device=dev)
         for b, (seq, n) in enumerate(work):
             ids[b, :n] = torch.tensor(seq.token_ids(seq.num_computed, seq.num_computed + n), device=dev)
-        starts = torch.tensor([seq.num_computed for seq, _ in work], device=dev)
-        last = torch.tensor([n - 1 for _, n in work], device=dev)
+        fresh = [seq.num_computed == 0 for seq, _ in work]
+        if self.spec.window_slots and any(fresh):  # a slot may hold a previous sequence's ring
+            self.win_pos[[seq.slot for (seq, _), f in zip(work, fresh) if f]] = -1
         slots = torch.tensor([seq.slot for seq, _ in work], device=dev)
-        if W:
-            self.win_pos[slots[starts == 0]] = -1  # a slot may hold a previous sequence's ring
-        ctx_win_pos = self.win_pos[slots].clone() if W else None
-
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-            out = torch.zeros_like(q)
-            for b, (seq, n) in enumerate(work):  # each row attends over its own cached context
-                out[b : b + 1, :n] = self._attend_chunk(layer, seq, q[b : b + 1, :n], k[b : b + 1, :n],
-                                                        v[b : b + 1, :n], pos[b, :n], ctx_win_pos[b] if W else None)
-            return out
-
-        states = self._ssm_states(slots, starts == 0) if self.cfg.has_ssm and bool((starts > 0).any()) else None
-        hidden, new_states = self.model.extend(ids, starts, states, last, attend)
+        meta = build_prefill_metadata(
+            self.spec, torch.tensor([seq.num_computed for seq, _ in work], device=dev),
+            torch.tensor([n for _, n in work], device=dev), slots, self._tables([seq for seq, _ in work]),
+            self.win_pos, self.block_size, T)
+        states = self._ssm_states(slots, torch.tensor(fresh, device=dev)) if self.cfg.has_ssm and not all(fresh) else None
+        hidden, new_states = self.model.prefill(ids, meta, self.caches, states)
         if new_states is not None:
             self._store_ssm(slots, new_states)
-        if W:
-            for seq, n in work:
-                p0 = seq.num_computed
-                recent = torch.arange(max(p0, p0 + n - W), p0 + n, device=dev)
-                self.win_pos[seq.slot, recent % W] = recent
-        return self.model.logits(hidden[torch.arange(len(work), device=dev), last])
-
-    def _attend_chunk(self, layer: int, seq: Sequence, q: Tensor, k: Tensor, v: Tensor, pos: Tensor,
-                      ctx_win_pos: Tensor | None) -> Tensor:
-        """One sequence's chunk q, k, v [1, n, *, D] at positions pos [n]: attend over its cached
-        boundary entries and ring plus the chunk itself, then store the chunk's K/V."""
-        spec, cache, dev = self.model.blocks[layer].attn.spec, self.caches[layer], self.device
-        W, p0, n = spec.window_slots, int(pos[0]), len(pos)
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
-
-        def flat(entry: Tensor) -> Tensor:  # boundary entry numbers -> flat pool rows
-            return table[entry // self.block_size] * self.block_size + entry % self.block_size
-
-        all_pos = torch.arange(p0 + n, device=dev)
-        bnd = spec.is_boundary(all_pos)
-        ctx_pos = all_pos[:p0][bnd[:p0]]
-        old = flat(torch.arange(len(ctx_pos), device=dev))
-        keys, vals = [cache.k_flat[old][None]], [cache.v_flat[old][None]]
-        kpos, kbnd = [ctx_pos], [torch.ones_like(ctx_pos, dtype=torch.bool)]
-        if W and p0:
-            keep = (ctx_win_pos >= 0) & ~spec.is_boundary(ctx_win_pos)  # boundaries are read from the blocks
-            keys.append(cache.win_k[seq.slot, keep][None])
-            vals.append(cache.win_v[seq.slot, keep][None])
-            kpos.append(ctx_win_pos[keep])
-            kbnd.append(torch.zeros(int(keep.sum()), dtype=torch.bool, device=dev))
-        keys.append(k), vals.append(v), kpos.append(pos), kbnd.append(bnd[p0:])
-        out = block_attention(q, torch.cat(keys, 1), torch.cat(vals, 1), pos, torch.cat(kpos), torch.cat(kbnd),
-                              spec.window)
-        new_bnd = bnd[p0:]  # store the new boundary entries and the newest W positions
-        dst = flat(len(ctx_pos) + torch.arange(int(new_bnd.sum()), device=dev))
-        store_kv(k[0, new_bnd], v[0, new_bnd], cache.k_flat, cache.v_flat, dst)
-        if W:
-            recent = pos[-W:]
-            store_kv(k[0, -W:], v[0, -W:], cache.win_k_flat, cache.win_v_flat, seq.slot * W + recent % W)
-        return out
+        record_ring(self.win_pos, meta.win_store, meta.positions)
+        return self.model.logits(hidden[torch.arange(len(work), device=dev), meta.last])
 
     # ---- one scheduled batch ---------------------------------------------------------------------------
     def run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:
@@ -223,4 +176,5 @@ class ModelRunner:
         """Compute each sequence's last token at its position -> logits [B, V]."""
         tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
         meta = self._metadata(seqs)
+        record_ring(self.win_pos, meta.win_store, meta.positions)
         return self.graphs(tokens, meta) if self.graphs else self.model.decode(tokens, meta, self.caches)

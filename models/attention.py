@@ -1,11 +1,13 @@
 """Attention under the boundary-plus-window pattern, without a T x T mask.
 
-Query t sees key s iff  s <= t  and  (s is a boundary  or  s >= t - window).
-Full causal attention is the case where every key is a boundary; a sliding window the case
-where none is. `block_attention` serves whole sequences and chunked prefill: queries go in
-blocks, and each block gathers only the keys any of its queries can see (all boundaries so far
-plus a band), so the cost is O(T * (T/P + block + window)). `gathered_attention` serves decode,
-where each row attends over keys already gathered from its cache.
+Query t sees key s iff  s <= t <= last_query(s)  (models/kv_spec.py: a boundary stays visible for
+good, any other key for `window` positions). Full causal attention is the case where every key is
+a boundary; a sliding window the case where none is. `block_attention` serves whole sequences
+(training, the dense reference's prefill): queries go in blocks, and each block gathers only the
+keys any of its queries can see (all boundaries so far plus a band), so the cost is
+O(T * (T/P + block + window)). `gathered_attention` serves the dense reference's decode, where
+each row attends over keys already gathered from its cache. The engine's paged pools are read by
+the ops in kernels/ (models/paged.py says what they read).
 """
 from __future__ import annotations
 
@@ -15,11 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def visible(q_pos: Tensor, k_pos: Tensor, k_bnd: Tensor, window: int) -> Tensor:
-    """Dense visibility [..., Tq, S] for query positions [..., Tq] and keys [..., S]."""
-    t, s = q_pos[..., :, None], k_pos[..., None, :]
-    return (s <= t) & (k_bnd[..., None, :] | (s >= t - window))
+from .kv_spec import last_query, sees, visible
 
 
 def block_attention(
@@ -32,12 +30,13 @@ def block_attention(
     gqa = k.shape[2] != q.shape[2]  # grouped-query: query head i reads KV head i // (H / Hkv)
     if bool(k_bnd.all()) and k.shape[1] == T and torch.equal(q_pos, k_pos):
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+    k_last = last_query(k_pos, k_bnd, window)
     outs = []
     for a in range(0, T, block):
         t = q_pos[a : a + block]
-        cand = (k_pos <= t[-1]) & (k_bnd | (k_pos >= t[0] - window))  # keys any query here sees
+        cand = (k_pos <= t[-1]) & (k_last >= t[0])  # keys some query of the block sees
         idx = cand.nonzero().squeeze(1)
-        mask = visible(t, k_pos[idx], k_bnd[idx], window)  # [Tb, n]
+        mask = sees(t[:, None], k_pos[idx], k_last[idx])  # [Tb, n]
         outs.append(F.scaled_dot_product_attention(qh[:, :, a : a + block], kh[:, :, idx], vh[:, :, idx], attn_mask=mask,
                                                    enable_gqa=gqa))
     return torch.cat(outs, 2).transpose(1, 2)

@@ -1,15 +1,18 @@
 """The one place that says which keys a layer keeps and what a sequence's cache costs.
 
-Every kind is a boundary list plus a window (models/attention.py):
+Every kind is a boundary list plus a window:
   attamba      boundaries B_l (the last token of each chunk, cut at the layer's offset), window L+1
   pseudo, transformer, reduced   every position is a boundary, no window
   sliding      no boundaries, a window of W_len positions
+Query t sees key s iff s <= t <= last_query(s): a boundary stays visible for good, any other key
+for `window` positions after its own (the window rule, `last_query`).
 A decoding sequence keeps, per layer, one K/V entry per boundary passed so far (paged blocks) and
-a ring of `window_slots` recent K/V; a boundary inside the window is stored and read once, as a
-boundary. SSM kinds also keep the K- and V-SSM recurrent (fp32) and conv states.
+a ring of `window_slots` recent K/V, position p in ring entry `ring_slot(p)`; a boundary inside the
+window is stored and read once, as a boundary, so the ring serves only the other keys
+(`window_last`, `ring_reads`). SSM kinds also keep the K- and V-SSM recurrent (fp32) and conv states.
 `KeySpec` answers for one layer, `CacheSpec` for the whole model: the attention masks, the
-engine's cache layout and step metadata, the dense reference state and the paper's cost table
-all ask them.
+engine's cache layout and step metadata (models/paged.py), the dense reference state and the
+paper's cost table all ask them.
 """
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .attention import visible
 from .config import ModelConfig
 
 ALL, CHUNKS, NONE = "all", "chunks", "none"
+FOREVER = 1 << 62  # last_query of a boundary
 
 
 def _nbytes(dtype: torch.dtype) -> int:
@@ -44,6 +47,29 @@ def num_boundaries(n, chunk_size: int, offset):
     """|{b in B_l : b < n}| (int or Tensor n and offset)."""
     # boundaries (k+1)P - 1 - o below n, plus {0}; with o = P-1 the first of them is 0 itself
     return (1 + (n + offset) // chunk_size - (offset == chunk_size - 1) * 1) * (n > 0)
+
+
+# The window rule, given which keys are boundaries (is_bnd broadcasting against pos).
+def last_query(pos: Tensor, is_bnd: Tensor, window: int) -> Tensor:
+    """The last query position that sees the key at pos: FOREVER for a boundary, else pos + window."""
+    return torch.where(is_bnd, FOREVER, pos + window)
+
+
+def sees(q_pos: Tensor, k_pos: Tensor, k_last: Tensor) -> Tensor:
+    """Whether the query at q_pos sees the key at k_pos whose last query is k_last (broadcasting)."""
+    return (k_pos <= q_pos) & (q_pos <= k_last)
+
+
+def visible(q_pos: Tensor, k_pos: Tensor, k_bnd: Tensor, window: int) -> Tensor:
+    """Dense visibility [..., Tq, S] of keys at k_pos [..., S] (boundaries k_bnd) to queries at q_pos [..., Tq]."""
+    return sees(q_pos[..., :, None], k_pos[..., None, :], last_query(k_pos, k_bnd, window)[..., None, :])
+
+
+def window_last(pos: Tensor, is_bnd: Tensor, window: int) -> Tensor:
+    """The paged layout's split of the rule: boundaries are read from the blocks (by count), every
+    other key through the window (the ring, or a prefill chunk's band) up to the query at the
+    position returned; -1 (no query) for a boundary or an empty ring entry (pos -1)."""
+    return torch.where(is_bnd | (pos < 0), -1, last_query(pos, is_bnd, window))
 
 
 @dataclass(frozen=True)
@@ -71,9 +97,25 @@ class KeySpec:
             return n * 0
         return num_boundaries(n, self.chunk_size, self.offset)
 
+    def last_query(self, pos: Tensor) -> Tensor:
+        """The last query position that sees the key at pos (FOREVER for a boundary)."""
+        return last_query(pos, self.is_boundary(pos), self.window)
+
     def visible(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """Dense mask [..., Tq, S]: query t sees key s iff s <= t and (s is a boundary or s >= t - window)."""
+        """Dense mask [..., Tq, S]: query t sees key s iff s <= t <= last_query(s)."""
         return visible(q_pos, k_pos, self.is_boundary(k_pos), self.window)
+
+    def window_last(self, pos: Tensor) -> Tensor:
+        """The last query that reads the key at pos through the window, -1 for a boundary or pos -1."""
+        return window_last(pos, self.is_boundary(pos), self.window)
+
+    def ring_slot(self, pos: Tensor) -> Tensor:
+        """The ring entry that holds position pos (window_slots > 0)."""
+        return pos % self.window_slots
+
+    def ring_reads(self, q_pos: Tensor, ring_pos: Tensor) -> Tensor:
+        """Which ring entries, holding positions ring_pos (-1: empty), the query at q_pos reads."""
+        return sees(q_pos, ring_pos, self.window_last(ring_pos))
 
     def keys_seen(self, t: int) -> int:
         """Keys the query at 0-based position t reads: old boundaries plus the window."""
@@ -143,6 +185,18 @@ class CacheSpec:
     def chunk_start(self, pos: Tensor) -> Tensor:
         """[n_layers, *pos.shape]: where each layer's SSMs reset."""
         return chunk_start(pos, self.layers[0].chunk_size, self._offsets(pos))
+
+    def window_last(self, pos: Tensor) -> Tensor:
+        """[n_layers, *pos.shape]: KeySpec.window_last of every layer."""
+        return window_last(pos, self.is_boundary(pos), self.window)
+
+    def ring_reads(self, q_pos: Tensor, ring_pos: Tensor) -> Tensor:
+        """[n_layers, *broadcast shape]: KeySpec.ring_reads of every layer."""
+        return sees(q_pos, ring_pos, self.window_last(ring_pos))
+
+    def ring_slot(self, pos: Tensor) -> Tensor:
+        """The ring entry that holds position pos (the same in every layer)."""
+        return self.layers[0].ring_slot(pos)
 
     def max_entries(self, n: int) -> int:
         """Boundary entries of the layer that keeps the most, for n tokens (sizes the block table)."""

@@ -11,10 +11,14 @@ sees is the only other difference between kinds (models/kv_spec.py). Entry point
   decode(tokens, meta, caches)        the serving decode step: one token per row, reading and
                                       writing the engine's paged pools in place (Block.forward,
                                       Attention.forward and the fused ops in kernels/)
-  extend(ids, start, states, attend)  a run of tokens after `start` cached ones (prefill)
+  prefill(ids, meta, caches, states)  the serving prefill: chunks of several sequences, each after
+                                      its cached tokens, through the same pools (extend with
+                                      Attention.prefill as its attend)
+  extend(ids, start, states, attend)  a run of tokens after `start` cached ones
   step(tokens, pos, states, attend)   one token per row with explicit dense state: the slow,
                                       obviously correct twin of decode (models/state.py)
-`attend` callbacks own the key/value storage of the two reference paths.
+`attend` callbacks own the key/value storage: the dense reference state's (models/state.py), or the
+pools' (prefill, through Attention.prefill).
 """
 from __future__ import annotations
 
@@ -25,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import decode_attention, ssm_step, store_kv
+from kernels import decode_attention, prefill_attention, ssm_step, store_kv
 
 from .attention import block_attention
 from .config import ModelConfig
 from .kv_spec import CacheSpec, chunk_start
 from .layers import RMSNorm, SwiGLU, apply_rope, pack_, rms_norm, rotate, trunc_normal_
-from .paged import DecodeMetadata, LayerCache
+from .paged import DecodeMetadata, LayerCache, PrefillMetadata
 from .ssm import ChunkSSM, SSMState
 
 
@@ -144,6 +148,19 @@ class Attention(nn.Module):
         return (rotate(self._heads(q), meta.cos, meta.sin), rotate(self._heads(k, True), meta.cos, meta.sin),
                 self._heads(v, True))
 
+    # ---- the serving prefill --------------------------------------------------------------------
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, meta: PrefillMetadata, cache: LayerCache) -> Tensor:
+        """q [B, T, H, D], k, v [B, T, Hkv, D] of the step's chunks (RoPE applied) -> the attention
+        output [B, T, H, D] over each row's cached context and its chunk; the chunk's K/V are stored."""
+        flat_k, flat_v = k.flatten(0, 1), v.flatten(0, 1)
+        store_kv(flat_k, flat_v, cache.k_flat, cache.v_flat, meta.bnd_store[self.layer])
+        o = prefill_attention(q, k, v, meta.positions, meta.key_last[self.layer], cache.k, cache.v, meta.block_tables,
+                              meta.bnd_count[self.layer], cache.win_k, cache.win_v, meta.slots,
+                              meta.win_last[self.layer], self.spec.window, self.cfg.head_dim**-0.5)
+        if cache.win_k.shape[1]:
+            store_kv(flat_k, flat_v, cache.win_k_flat, cache.win_v_flat, meta.win_store)
+        return o
+
     # ---- the reference paths -------------------------------------------------------------------
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
@@ -254,6 +271,16 @@ class LM(nn.Module):
         for blk, cache in zip(self.blocks, caches):
             x = blk(x, meta, cache)
         return self.logits(x)
+
+    def prefill(self, input_ids: Tensor, meta: PrefillMetadata, caches: list[LayerCache],
+                states: list[LayerSSMState] | None) -> tuple[Tensor, list[LayerSSMState] | None]:
+        """Prefill chunks input_ids [B, T] (right-padded) through the paged pools -> the hidden states
+        [B, T, d] and the SSM states after each row's last token (see extend)."""
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+            return self.blocks[layer].attn.prefill(q, k, v, meta, caches[layer])
+
+        return self.extend(input_ids, meta.starts, states, meta.last, attend)
 
     def extend(
         self, input_ids: Tensor, start: int | Tensor, states: list[LayerSSMState] | None, last: Tensor | None,

@@ -1,9 +1,12 @@
-"""What a decode step's layers read: views of the engine's cache pools, and one step's metadata.
+"""The paged layout: views of the engine's cache pools, and what one step's layers read from them.
 
-The engine's model runner owns the pools and builds `DecodeMetadata` once per step, before the
-layer loop, on the model's device (as nano-vllm's context and vLLM's attention metadata): no
-layer rebuilds an index or syncs with the host. `build_decode_metadata` is the one place that
-turns positions, slots and block tables into what the fused decode ops (kernels/) take.
+The engine's model runner owns the pools and builds one metadata object per step, before the layer
+loop, on the model's device (as nano-vllm's context and vLLM's attention metadata): no layer
+rebuilds an index or syncs with the host for it. `build_decode_metadata` and
+`build_prefill_metadata` are the one place that turns positions, slots and block tables into the
+entries the ops in kernels/ write and read; which positions are kept, where the ring keeps them
+and which keys a query sees, they ask models/kv_spec.py. Both are pure: the runner records the
+ring's positions itself after a step (`record_ring`, from the metadata's `win_store`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class LayerCache:
 
     k: Tensor  # [num_blocks, block_size, Hkv, D] boundary entries (every key, for full attention)
     v: Tensor
-    win_k: Tensor  # [S, W, Hkv, D] ring of the last W K/V, entry = position % W (W may be 0)
+    win_k: Tensor  # [S, W, Hkv, D] ring of the last W K/V, entry = CacheSpec.ring_slot (W may be 0)
     win_v: Tensor
     conv: Tensor | None  # [2, S, C, conv_width - 1] K- and V-SSM conv histories (SSM kinds)
     ssm: Tensor | None  # [2, S, h, E/h, N] fp32 recurrent states
@@ -43,36 +46,100 @@ class DecodeMetadata:
     reset: Tensor  # [L, B] the SSMs start a new chunk at this token
     bnd_store: Tensor  # [L, B] flat boundary entry this token is written to, -1 when not a boundary
     bnd_count: Tensor  # [L, B] boundary entries each row reads, this token's included
-    win_store: Tensor  # [B] flat ring entry (slot * W + position % W), -1 for padding
+    win_store: Tensor  # [B] flat ring entry (slot * W + ring slot), -1 for padding
     win_mask: Tensor  # [L, B, W] ring entries each row reads (in the window, not a boundary)
     cos: Tensor  # [B, 1, D] RoPE tables at positions
     sin: Tensor
+
+
+def _flat_entry(block_tables: Tensor, entry: Tensor, block_size: int) -> Tensor:
+    """The pool row of boundary entry `entry` [L, B, ...] of each row b, through its block table
+    [B, M] (entries past the table read its last block: callers mask them)."""
+    rows = torch.arange(block_tables.shape[0], device=entry.device).view(-1, *([1] * (entry.dim() - 2)))
+    block = block_tables[rows, (entry // block_size).clamp(max=block_tables.shape[1] - 1)]
+    return block * block_size + entry % block_size
+
+
+def _ring_entry(spec: CacheSpec, slots: Tensor, positions: Tensor) -> Tensor:
+    """The flat ring row (slot * W + ring slot) of positions [B, ...] of the sequences in slots [B]."""
+    return slots.view(-1, *([1] * (positions.dim() - 1))) * spec.window_slots + spec.ring_slot(positions)
 
 
 def build_decode_metadata(
     spec: CacheSpec, positions: Tensor, slots: Tensor, block_tables: Tensor, win_pos: Tensor,
     block_size: int, head_dim: int, rope_theta: float,
 ) -> DecodeMetadata:
-    """Index every write and read of one decode step; records positions in win_pos [S, W] (in place)."""
+    """Index every write and read of one decode step; win_pos [S, W]: the ring's positions before it."""
     live = slots >= 0
     before = spec.num_entries(positions)  # [L, B]
     is_bnd = spec.is_boundary(positions) & live
-    rows = torch.arange(len(positions), device=positions.device)
-    block = block_tables[rows, (before // block_size).clamp(max=block_tables.shape[1] - 1)]  # [L, B]
-    bnd_store = torch.where(is_bnd, block * block_size + before % block_size, -1)
+    bnd_store = torch.where(is_bnd, _flat_entry(block_tables, before, block_size), -1)
     W = spec.window_slots
     if W:
-        ring = positions % W
-        win_pos[slots[live], ring[live]] = positions[live]
+        ring = spec.ring_slot(positions)
         wp = win_pos[slots.clamp(min=0)]  # [B, W]
-        win_mask = (wp >= 0) & (wp >= positions[:, None] - spec.window) & ~spec.is_boundary(wp) & live[:, None]
-        win_store = torch.where(live, slots * W + ring, -1)
+        wp = torch.where(torch.arange(W, device=wp.device) == ring[:, None], positions[:, None], wp)  # this token's entry
+        win_mask = spec.ring_reads(positions[:, None], wp) & live[:, None]
+        win_store = torch.where(live, _ring_entry(spec, slots, positions), -1)
     else:
         win_mask = torch.zeros(len(spec.layers), len(positions), 0, dtype=torch.bool, device=positions.device)
         win_store = torch.full_like(positions, -1)
     cos, sin = rope_tables(positions, head_dim, rope_theta)
     return DecodeMetadata(positions, slots, block_tables, spec.chunk_start(positions), bnd_store,
                           (before + is_bnd.long()) * live, win_store, win_mask, cos, sin)
+
+
+@dataclass
+class PrefillMetadata:
+    """One step's prefill chunks, rows right-padded to T tokens: row b computes positions
+    starts[b] .. starts[b] + last[b] of the sequence in slot slots[b]. The chunk's boundary K/V
+    are stored before its attention (its queries read them from the blocks), its ring K/V after
+    (earlier queries still read the entries they replace)."""
+
+    starts: Tensor  # [B]
+    last: Tensor  # [B] index of each row's last token
+    positions: Tensor  # [B, T]
+    slots: Tensor  # [B]
+    block_tables: Tensor  # [B, M]
+    bnd_store: Tensor  # [L, B * T] flat boundary entry each token is written to, -1 when none
+    bnd_count: Tensor  # [L, B, T] boundary entries each query reads, its own included (0: padding)
+    key_last: Tensor  # [L, B, T] last position reading each chunk key as a window key (-1: none)
+    win_last: Tensor  # [L, B, W] last position reading each ring entry (-1: none)
+    win_store: Tensor  # [B * T] flat ring entry each token is written to (each row's newest W), -1 when none
+
+
+def build_prefill_metadata(
+    spec: CacheSpec, starts: Tensor, lengths: Tensor, slots: Tensor, block_tables: Tensor, win_pos: Tensor,
+    block_size: int, width: int,
+) -> PrefillMetadata:
+    """Index every write and read of one step's prefill chunks: row b holds lengths[b] tokens from
+    position starts[b], rows `width` wide; win_pos [S, W]: the ring's positions before the step
+    (empty for rows that start a sequence)."""
+    offsets = torch.arange(width, device=starts.device)
+    positions = starts[:, None] + offsets  # [B, T]
+    real = offsets < lengths[:, None]
+    before = spec.num_entries(positions)  # [L, B, T]
+    is_bnd = spec.is_boundary(positions) & real
+    bnd_store = torch.where(is_bnd, _flat_entry(block_tables, before, block_size), -1)
+    key_last = torch.where(real, spec.window_last(positions), -1)
+    W = spec.window_slots
+    if W:
+        win_last = spec.window_last(win_pos[slots])  # [L, B, W]
+        newest = real & (offsets >= lengths[:, None] - W)
+        win_store = torch.where(newest, _ring_entry(spec, slots, positions), -1)
+    else:
+        win_last = torch.zeros(len(spec.layers), len(starts), 0, dtype=torch.long, device=starts.device)
+        win_store = torch.full_like(positions, -1)
+    return PrefillMetadata(starts, lengths - 1, positions, slots, block_tables, bnd_store.flatten(1),
+                           (before + is_bnd.long()) * real, key_last, win_last, win_store.flatten())
+
+
+def record_ring(win_pos: Tensor, win_store: Tensor, positions: Tensor) -> None:
+    """Note in win_pos [S, W] the positions a step wrote into the ring: win_store holds the flat
+    ring entry of each of positions (the same shape, -1: none)."""
+    if win_pos.shape[1]:
+        keep = win_store >= 0
+        win_pos.view(-1)[win_store[keep]] = positions.flatten()[keep]
 
 
 def _pad(t: Tensor, axis: int, size: int, fill) -> Tensor:

@@ -25,7 +25,7 @@ class LayerKV:
     bnd_k: Tensor  # [B, M, H, D] boundary keys (after RoPE), M = capacity
     bnd_v: Tensor  # [B, M, H, D]
     bnd_len: Tensor  # [B] entries in use
-    win_k: Tensor  # [B, W, H, D] ring buffer, slot = position % W
+    win_k: Tensor  # [B, W, H, D] ring buffer, entry = KeySpec.ring_slot(position)
     win_v: Tensor  # [B, W, H, D]
     win_pos: Tensor  # [B, W] position held by each slot, -1 when empty
 
@@ -76,7 +76,7 @@ def _write(kv: LayerKV, spec: KeySpec, is_bnd: Tensor, k: Tensor, v: Tensor, pos
         kv.bnd_v[r, kv.bnd_len[r]] = v[r].to(kv.bnd_v.dtype)
         kv.bnd_len += is_bnd.long()
     if spec.window_slots:
-        slot = pos % spec.window_slots
+        slot = spec.ring_slot(pos)
         kv.win_k[rows, slot] = k.to(kv.win_k.dtype)
         kv.win_v[rows, slot] = v.to(kv.win_v.dtype)
         kv.win_pos[rows, slot] = pos
@@ -90,8 +90,7 @@ def _decode_attend(model: LM, state: DecodeState) -> AttendFn:
         m = kv.bnd_k.shape[1]
         parts = [(kv.bnd_k, kv.bnd_v, torch.arange(m, device=q.device)[None, :] < kv.bnd_len[:, None])]
         if spec.window_slots:
-            wp = kv.win_pos
-            parts.append((kv.win_k, kv.win_v, (wp >= 0) & (wp >= pos[:, None] - spec.window) & ~spec.is_boundary(wp)))
+            parts.append((kv.win_k, kv.win_v, spec.ring_reads(pos[:, None], kv.win_pos)))
         return gathered_attention(q, parts)
 
     return attend
@@ -147,9 +146,10 @@ def _collect(spec: KeySpec, k: Tensor, v: Tensor, pos: Tensor, is_bnd: Tensor, l
     for b in range(bsz):
         n = int(lengths[b])
         p = torch.arange(max(0, n - W), n, device=dev)
-        win_k[b, p % W] = k[b, p].to(kv_dtype)
-        win_v[b, p % W] = v[b, p].to(kv_dtype)
-        win_pos[b, p % W] = p
+        ring = spec.ring_slot(p)
+        win_k[b, ring] = k[b, p].to(kv_dtype)
+        win_v[b, ring] = v[b, p].to(kv_dtype)
+        win_pos[b, ring] = p
     return LayerKV(bnd_k, bnd_v, counts.to(dev), win_k, win_v, win_pos)
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model, decode_step, full_kv_bytes, load_model, prefill, save_checkpoint, state_bytes
-from models.attention import block_attention, dense_attention_ref, visible
-from models.kv_spec import CacheSpec, chunk_start, is_boundary, num_boundaries
+from models.attention import block_attention, dense_attention_ref
+from models.kv_spec import CacheSpec, chunk_start, is_boundary, num_boundaries, visible
 from models.loading import CheckpointError
 from models.ssm import ChunkSSM, chunk_ids, ssd_banded, ssd_recurrent_ref
 
@@ -95,6 +95,41 @@ def test_key_spec_agrees_with_the_mask(kind: str, P: int, L: int) -> None:
         assert torch.equal(cache.num_entries(pos)[layer], spec.num_entries(pos))
     full = CacheSpec.from_config(cfg.replace(kind="transformer"))
     assert full.seq_bytes(T, torch.float32) == cache.full_kv_bytes(T, torch.float32) or cfg.kind == "reduced"
+
+
+@pytest.mark.parametrize("kind,P,L", [("attamba", 4, 3), ("attamba", 8, 0), ("attamba", 3, 5), ("sliding", 4, 3),
+                                      ("transformer", 4, 3)])
+def test_window_rule_and_ring_follow_the_papers_mask(kind: str, P: int, L: int) -> None:
+    """last_query, window_last, ring_slot and ring_reads against the mask written from the paper's
+    formula: a ring written one position at a time serves exactly the visible keys that are not
+    boundaries, the blocks (num_entries) exactly the visible boundaries."""
+    cfg = tiny(kind, P, L)
+    cache = CacheSpec.from_config(cfg)
+    T = 40
+    pos = torch.arange(T)
+    window = {"attamba": L, "sliding": cfg.sliding_window - 1}.get(kind, T)
+    for layer, spec in enumerate(cache.layers):
+        bset = boundary_set(T, P, cfg.layer_offset(layer)) if kind == "attamba" else set(range(T) if kind == "transformer" else ())
+        mask = torch.tensor([[s <= t and (s in bset or s >= t - window) for s in range(T)] for t in range(T)])
+        assert torch.equal(spec.visible(pos, pos), mask)
+        last_seen = [max(t for t in range(T) if mask[t, s]) for s in range(T)]  # the last query in view
+        assert spec.last_query(pos).clamp(max=T - 1).tolist() == last_seen
+        assert spec.window_last(pos).clamp(max=T - 1).tolist() == [-1 if s in bset else last_seen[s] for s in range(T)]
+        ring = torch.full((spec.window_slots,), -1)
+        for t in range(T):
+            if spec.window_slots:
+                ring[spec.ring_slot(torch.tensor(t))] = t
+                assert sorted(ring[spec.ring_reads(torch.tensor(t), ring)].tolist()) == [
+                    s for s in range(t + 1) if mask[t, s] and s not in bset]
+            else:  # no ring: every visible key is a boundary
+                assert all(s in bset for s in range(t + 1) if mask[t, s])
+            assert int(spec.num_entries(t + 1)) == sum(1 for s in range(t + 1) if mask[t, s] and s in bset)
+        assert torch.equal(cache.window_last(pos)[layer], spec.window_last(pos))
+        if spec.window_slots:
+            rings = torch.stack([pos[t - spec.window_slots + 1 : t + 1] for t in range(spec.window_slots, T)])
+            q = torch.arange(spec.window_slots, T)[:, None]
+            assert torch.equal(cache.ring_reads(q, rings)[layer], spec.ring_reads(q, rings))
+            assert torch.equal(cache.ring_slot(pos), spec.ring_slot(pos))
 
 
 # ---- SSM -------------------------------------------------------------------------------------------
