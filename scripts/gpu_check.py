@@ -147,7 +147,7 @@ def part_prefill_path(out: Path) -> dict:
 
 def part_bench_kernels(out: Path) -> dict:
     need_cuda()
-    _run([sys.executable, "-m", "server.cli", "bench", "kernels", "--out", str(out), "--decode-batches", ""],
+    _run([sys.executable, "-m", "entrypoints.cli", "bench", "kernels", "--out", str(out), "--decode-batches", ""],
          out / "bench-kernels.log", timeout=240)
     data = json.loads((out / "bench-kernels.json").read_text())
     return {"json": "bench-kernels.json", "device": data["device"], "peak": data["peak"], "rows": len(data["rows"])}

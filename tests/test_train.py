@@ -14,7 +14,7 @@ from training.evaluate import evaluate_ppl
 from models.tokenizer import Tokenizer, train_tokenizer
 from training.loop import RunDir, WarmupCosine, restore_rngs
 from training.train import TrainConfig, lr_schedule
-from server.cli import main
+from entrypoints.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "wikitext_sample.txt"
