@@ -11,17 +11,14 @@ import torch
 from safetensors import safe_open
 
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
-from engine.async_engine import AsyncEngine
 from engine.cache_manager import CacheLayout
 from models import ModelConfig, build_model, decode_step, load_model, prefill, registry, save_checkpoint, state_bytes
 from models.loading import WEIGHTS
 from models.tokenizer import Tokenizer
-from server.app import create_app
-from server.background import serve_in_thread
 from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
-from server.cli import main
+from entrypoints.cli import main
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, served
 
 
 CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
@@ -250,16 +247,11 @@ def test_chat_request_a_jinja_template_rejects_is_a_400(tmp_path: Path, tokenize
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be a user turn') }}" \
              "{% endif %}" + CHATML
     path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, chat_template=strict, eos_token_id=0)
-    engine = AsyncEngine(EngineArgs(model=str(path), cache_memory=4 << 20, max_num_seqs=2))
-    engine.start()
-    try:
-        with serve_in_thread(create_app(engine)) as url:
-            chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
-            bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
-            chat["messages"][0]["role"] = "user"
-            good = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
-    finally:
-        engine.shutdown()
+    with served(path, max_num_seqs=2) as url:
+        chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
+        bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+        chat["messages"][0]["role"] = "user"
+        good = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
     assert "user turn" in bad.json()["error"]["message"]
     assert good.status_code == 200 and good.json()["usage"]["prompt_tokens"] > 0

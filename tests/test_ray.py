@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,28 +27,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve")
 
-from engine import EngineArgs  # noqa: E402
-from engine.async_engine import AsyncEngine  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.background import serve_in_thread  # noqa: E402
 from server.ray_app import MergedCollector, PrefixAffinityRouter, affinity_key, labelled_families  # noqa: E402
+
+from conftest import attamba_process, free_port, served, sse, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "checkpoints" / "attamba-wt2"
 ENGINE_FLAGS = ["--cache-memory", "64MiB", "--max-num-seqs", "16"]
 PROMPTS = ["The history of the", "In 1914 the", "The tower was built", "Valkyria Chronicles is a"]
 START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sse(response: httpx.Response) -> list[dict | str]:
-    payloads = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
 def stream(url: str, prompt: str, max_tokens: int) -> tuple[str, list[dict | str]]:
@@ -126,21 +112,11 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(MODEL), *ENGINE_FLAGS,
-                                 "--replicas", "2", "--port", str(port), "--grace-period", "30"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = attamba_process("serve", "--model", str(MODEL), *ENGINE_FLAGS, "--replicas", "2", "--port", str(port),
+                               "--grace-period", "30", stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray server did not start"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200 and len(replicas_in_metrics(url)) == 2:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_healthy(proc, url, START_TIMEOUT_S, ready=lambda: len(replicas_in_metrics(url)) == 2, log=log)
         yield url, proc, log
     finally:
         if proc.poll() is None:
@@ -173,20 +149,15 @@ def test_16_concurrent_streams_complete_on_both_replicas(url: str) -> None:
 
 @pytest.mark.slow
 def test_greedy_outputs_equal_the_single_process_server(url: str) -> None:
-    engine = AsyncEngine(EngineArgs(model=str(MODEL), cache_memory=64 << 20, max_num_seqs=16))
-    engine.start()
-    try:
-        with serve_in_thread(create_app(engine)) as single:
-            for prompt in PROMPTS:
-                body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0}
-                want = httpx.post(f"{single}/v1/completions", json=body, timeout=60).json()
-                got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
-                assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
-                chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0.0}
-                assert (httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()["choices"]
-                        == httpx.post(f"{single}/v1/chat/completions", json=chat, timeout=60).json()["choices"])
-    finally:
-        engine.shutdown()
+    with served(MODEL, cache_memory=64 << 20, max_num_seqs=16) as single:
+        for prompt in PROMPTS:
+            body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0}
+            want = httpx.post(f"{single}/v1/completions", json=body, timeout=60).json()
+            got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+            chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0.0}
+            assert (httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()["choices"]
+                    == httpx.post(f"{single}/v1/chat/completions", json=chat, timeout=60).json()["choices"])
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,19 +12,11 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
-from server.cli import main
+from entrypoints.cli import main
+
+from conftest import attamba_process, free_port, wait_healthy
 
 ENGINE_FLAGS = ["--cache-memory", "4MiB", "--max-num-seqs", "4"]
-
-
-def attamba(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "server.cli", *args], text=True, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -54,7 +45,7 @@ def test_serve_rejects_unparsable_flags(capsys) -> None:
 
 
 def test_generate_streams_the_completion(tiny_ckpt: Path) -> None:
-    proc = attamba("generate", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--prompt", "The tower", "--max-tokens", "8",
+    proc = attamba_process("generate", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--prompt", "The tower", "--max-tokens", "8",
                    "--temperature", "0", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -65,18 +56,10 @@ def test_generate_streams_the_completion(tiny_ckpt: Path) -> None:
 def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = attamba("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--log-level", "warning",
+    proc = attamba_process("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--log-level", "warning",
                    stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         body = {"prompt": "The tower", "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()
@@ -98,25 +81,13 @@ def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
             proc.wait()
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-
-
 def test_grace_period_end_aborts_streams_with_a_final_chunk_and_logs_it(tiny_ckpt: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = attamba("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--grace-period", "0",
+    proc = attamba_process("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--grace-period", "0",
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_healthy(proc, url)
+        wait_healthy(proc, url)
         max_model_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
         body = {"prompt": "The tower", "max_tokens": max_model_len - 8, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
