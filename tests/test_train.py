@@ -12,7 +12,7 @@ import torch
 from models import ModelConfig, build_model, load_model
 from training.evaluate import evaluate_ppl
 from models.tokenizer import Tokenizer, train_tokenizer
-from training.loop import RunDir, WarmupCosine, restore_rngs
+from training.loop import RunDir, WarmupCosine, deadline_after, restore_rngs
 from training.train import TrainConfig, lr_schedule
 from entrypoints.cli import main
 
@@ -110,6 +110,9 @@ def test_run_dir_state_restores_every_rng_and_trims_the_log(tmp_path: Path) -> N
     run_dir.log_file.write_text("".join(json.dumps(r) + "\n" for r in records))
     run_dir.trim_log(stage=2, step=1)
     assert [json.loads(ln) for ln in run_dir.log_file.read_text().splitlines()] == records[:3]
+    assert (deadline_after(100.0, None), deadline_after(100.0, 0.5)) == (math.inf, 130.0)
+    with pytest.raises(ValueError, match="--max-minutes"):
+        deadline_after(100.0, -1)
 
 
 @pytest.mark.parametrize("argv", [
