@@ -99,11 +99,16 @@ def test_run_dir_state_restores_every_rng_and_trims_the_log(tmp_path: Path) -> N
     assert run_dir.resumes("auto", "a run")
     with pytest.raises(ValueError, match="--resume auto"):
         run_dir.resumes(None, "a run")
-    expected = torch.rand(3), torch.rand(3, generator=gen)
+
+    def draws() -> list[torch.Tensor]:
+        cuda = [torch.rand(3, device="cuda").cpu()] if torch.cuda.is_available() else []
+        return [torch.rand(3), torch.rand(3, generator=gen), *cuda]
+
+    expected = draws()
     state = run_dir.load()
-    assert state["step"] == 2 and state["cuda_rng"] is None  # no device here
+    assert state["step"] == 2 and (state["cuda_rng"] is None) == (not torch.cuda.is_available())
     restore_rngs(state, gen)
-    assert all(torch.equal(a, b) for a, b in zip(expected, (torch.rand(3), torch.rand(3, generator=gen))))
+    assert all(torch.equal(a, b) for a, b in zip(expected, draws(), strict=True))
     del state["cuda_rng"]  # a state written before the CUDA RNG was saved still resumes
     restore_rngs(state, gen)
     records = [{"stage": 1, "step": 2}, {"stage": 1, "step": 3}, {"stage": 2, "step": 1}, {"stage": 2, "step": 2}]
