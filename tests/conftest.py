@@ -1,8 +1,10 @@
 """Shared fixtures and helpers: a tiny tokenizer, tiny random checkpoints of each kind, a started engine served over
-HTTP (its settings overridable per module through the `engine_kw` and `app_kw` fixtures), server processes, SSE."""
+HTTP in this process (its settings overridable per module through the `engine_kw` and `app_kw` fixtures),
+`attamba` processes, SSE."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -86,7 +88,7 @@ def running_engine(model: str | Path, **engine_kw) -> Iterator[AsyncEngine]:
 
 
 @contextmanager
-def served(model: str | Path, app_kw: dict | None = None, **engine_kw) -> Iterator[str]:
+def serve_engine(model: str | Path, app_kw: dict | None = None, **engine_kw) -> Iterator[str]:
     """The base URL of create_app(**app_kw) over running_engine(model, **engine_kw)."""
     with running_engine(model, **engine_kw) as engine, serve_in_thread(create_app(engine, **(app_kw or {}))) as url:
         yield url
@@ -147,17 +149,39 @@ def attamba_process(*args: str, **popen_kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "entrypoints.cli", *args], text=True, **popen_kw)
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60.0, ready: Callable[[], bool] = lambda: True,
-                 log: Path | None = None) -> None:
-    """Poll url/health until 200 and ready(); fails (with the tail of `log`) if the process exits or time runs out."""
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60.0,
+                 ready: Callable[[str], bool] = lambda url: True, log: Path | None = None) -> None:
+    """Poll url/health until 200 and ready(url); fails (with the tail of `log`) if the process exits or time runs
+    out."""
     deadline = time.monotonic() + timeout_s
     while True:
         assert proc.poll() is None, log.read_text()[-3000:] if log else f"the server exited with {proc.returncode}"
         assert time.monotonic() < deadline, f"the server was not ready within {timeout_s:g} s"
         try:
-            if httpx.get(f"{url}/health").status_code == 200 and ready():
+            if httpx.get(f"{url}/health").status_code == 200 and ready(url):
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
 
+
+
+@contextmanager
+def serve_process(*flags: str, timeout_s: float = 60.0, ready: Callable[[str], bool] = lambda url: True,
+                  log: Path | None = None, **popen_kw) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`attamba serve FLAGS` on a free loopback port: (the process, its URL) once ready (wait_healthy) until the
+    block ends; then SIGTERM (the server drains), SIGKILL if it is still running after a minute."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = attamba_process("serve", *flags, "--port", str(port), **popen_kw)
+    try:
+        wait_healthy(proc, url, timeout_s, ready, log)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

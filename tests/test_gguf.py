@@ -19,7 +19,7 @@ from models.loading import WEIGHTS
 from models.tokenizer import Tokenizer
 from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
 
-from conftest import make_checkpoint, served
+from conftest import make_checkpoint, serve_engine
 
 
 CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
@@ -255,7 +255,7 @@ def test_chat_request_a_jinja_template_rejects_is_a_400(tmp_path: Path, tokenize
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be a user turn') }}" \
              "{% endif %}" + CHATML
     path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, chat_template=strict, eos_token_id=0)
-    with served(path, max_num_seqs=2) as url:
+    with serve_engine(path, max_num_seqs=2) as url:
         chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
         bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
         chat["messages"][0]["role"] = "user"

@@ -29,7 +29,7 @@ pytest.importorskip("ray.serve")
 
 from server.ray_app import MergedCollector, PrefixAffinityRouter, affinity_key, labelled_families  # noqa: E402
 
-from conftest import attamba_process, free_port, served, sse, wait_healthy  # noqa: E402
+from conftest import serve_engine, serve_process, sse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "checkpoints" / "attamba-wt2"
@@ -108,24 +108,13 @@ def test_prefix_router_is_sticky_until_imbalanced() -> None:
 # ---- a real two-replica server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    port = free_port()
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log, "w") as out:
-        proc = attamba_process("serve", "--model", str(MODEL), *ENGINE_FLAGS, "--replicas", "2", "--port", str(port),
-                               "--grace-period", "30", stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, START_TIMEOUT_S, ready=lambda: len(replicas_in_metrics(url)) == 2, log=log)
+    with open(log, "w") as out, serve_process(
+            "--model", str(MODEL), *ENGINE_FLAGS, "--replicas", "2", "--grace-period", "30",
+            timeout_s=START_TIMEOUT_S, ready=lambda url: len(replicas_in_metrics(url)) == 2, log=log,
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT) as (proc, url):
         yield url, proc, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +138,7 @@ def test_16_concurrent_streams_complete_on_both_replicas(url: str) -> None:
 
 @pytest.mark.slow
 def test_greedy_outputs_equal_the_single_process_server(url: str) -> None:
-    with served(MODEL, cache_memory=64 << 20, max_num_seqs=16) as single:
+    with serve_engine(MODEL, cache_memory=64 << 20, max_num_seqs=16) as single:
         for prompt in PROMPTS:
             body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0}
             want = httpx.post(f"{single}/v1/completions", json=body, timeout=60).json()
@@ -180,11 +169,11 @@ def test_metrics_of_every_replica_in_one_scrape(url: str) -> None:
     text = httpx.get(f"{url}/metrics").text
     assert text.count("# TYPE attamba_request_success_total") == 1
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    served = {s.labels["replica"]: s.value for s in families["attamba_request_success"].samples
+    serve_engine = {s.labels["replica"]: s.value for s in families["attamba_request_success"].samples
               if s.name == "attamba_request_success_total"}
-    assert len(served) == 2 and sum(served.values()) >= 8
+    assert len(serve_engine) == 2 and sum(serve_engine.values()) >= 8
     ttft = [s for s in families["attamba_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
-    assert {s.labels["replica"] for s in ttft} == set(served)
+    assert {s.labels["replica"] for s in ttft} == set(serve_engine)
 
 
 KILL_REPLICA = """

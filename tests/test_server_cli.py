@@ -14,7 +14,7 @@ import pytest
 from engine import LLM, SamplingParams
 from entrypoints.cli import main
 
-from conftest import attamba_process, free_port, wait_healthy
+from conftest import attamba_process, serve_process
 
 ENGINE_FLAGS = ["--cache-memory", "4MiB", "--max-num-seqs", "4"]
 
@@ -45,8 +45,8 @@ def test_serve_rejects_unparsable_flags(capsys) -> None:
 
 
 def test_generate_streams_the_completion(tiny_ckpt: Path) -> None:
-    proc = attamba_process("generate", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--prompt", "The tower", "--max-tokens", "8",
-                   "--temperature", "0", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = attamba_process("generate", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--prompt", "The tower",
+                           "--max-tokens", "8", "--temperature", "0", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     want = LLM(str(tiny_ckpt), cache_memory=4 << 20).generate("The tower", SamplingParams(temperature=0, max_tokens=8))
@@ -54,12 +54,8 @@ def test_generate_streams_the_completion(tiny_ckpt: Path) -> None:
 
 
 def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = attamba_process("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--log-level", "warning",
-                   stdout=subprocess.DEVNULL)
-    try:
-        wait_healthy(proc, url)
+    with serve_process("--model", str(tiny_ckpt), *ENGINE_FLAGS, "--log-level", "warning",
+                       stdout=subprocess.DEVNULL) as (proc, url):
         body = {"prompt": "The tower", "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()
@@ -75,19 +71,11 @@ def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
         assert rest[-1] == "[DONE]"
         assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"  # finished, not aborted
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_grace_period_end_aborts_streams_with_a_final_chunk_and_logs_it(tiny_ckpt: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = attamba_process("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--grace-period", "0",
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_healthy(proc, url)
+    with serve_process("--model", str(tiny_ckpt), *ENGINE_FLAGS, "--grace-period", "0", stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE) as (proc, url):
         max_model_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
         body = {"prompt": "The tower", "max_tokens": max_model_len - 8, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
@@ -99,11 +87,7 @@ def test_grace_period_end_aborts_streams_with_a_final_chunk_and_logs_it(tiny_ckp
         assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "abort"
         assert proc.wait(timeout=30) == 0
         log = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert f"on http://127.0.0.1:{port}" in log and "ready" in log
+    assert f"on {url}" in log and "ready" in log
     assert "draining" in log and "aborting the 1 requests" in log
     assert "Traceback" not in log and "CancelledError" not in log
 

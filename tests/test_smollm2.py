@@ -23,7 +23,7 @@ from models import load_model, registry  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 from server.chat import JinjaChatTemplate, load_chat_template  # noqa: E402
 
-from conftest import served  # noqa: E402
+from conftest import serve_engine  # noqa: E402
 
 NAME = "smollm2-135m"
 try:
@@ -126,7 +126,7 @@ def test_greedy_engine_equals_generate(smol_dir: Path, tok: Tokenizer, hf_model)
 
 
 def test_chat_completion_answers_sensibly(smol_dir: Path) -> None:
-    with served(NAME, cache_memory=64 << 20, max_num_seqs=2) as url:  # the named model's cache set by smol_dir
+    with serve_engine(NAME, cache_memory=64 << 20, max_num_seqs=2) as url:  # the named model's cache set by smol_dir
         body = {"model": NAME, "max_tokens": 24, "temperature": 0,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
