@@ -29,6 +29,7 @@ COPY models ./models
 COPY engine ./engine
 COPY kernels ./kernels
 COPY server ./server
+COPY entrypoints ./entrypoints
 COPY benchmarks ./benchmarks
 COPY training ./training
 RUN if [ "$CUDA" = "1" ]; then pip install ".[cuda]"; else pip install .; fi

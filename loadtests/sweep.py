@@ -31,9 +31,9 @@ from pathlib import Path
 from servers import ROOT, attamba_command, free_port, metrics, running
 
 sys.path.insert(0, str(ROOT))  # the project's packages, when run as a script
-from benchmarks.llamacpp import write_gguf  # noqa: E402
 from engine.config import parse_bytes  # noqa: E402
 from models import ModelConfig  # noqa: E402
+from models.gguf import write_gguf  # noqa: E402
 
 HERE = Path(__file__).parent
 SYSTEMS = ("attamba", "transformer", "llamacpp")

@@ -168,7 +168,7 @@ def part_bench_kernels(out: Path, dry: bool) -> dict:
         cli.configure(parser)
         args = vars(parser.parse_args(argv[1:]))
         return {"command": shlex.join(["attamba", *argv]), "args": {k: str(v) for k, v in args.items()}}
-    _run([sys.executable, "-m", "server.cli", *argv], out / "bench-kernels.log", timeout=240)
+    _run([sys.executable, "-m", "entrypoints.cli", *argv], out / "bench-kernels.log", timeout=240)
     data = json.loads((out / "bench-kernels.json").read_text())
     return {"json": "bench-kernels.json", "device": data["device"], "peak": data["peak"], "rows": len(data["rows"])}
 

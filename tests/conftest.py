@@ -1,12 +1,27 @@
-"""Shared fixtures: a tiny tokenizer and tiny random checkpoints of each kind."""
+"""Shared fixtures and helpers: a tiny tokenizer, tiny random checkpoints of each kind, a started engine served over
+HTTP in this process (its settings overridable per module through the `engine_kw` and `app_kw` fixtures),
+`attamba` processes, SSE."""
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
+from engine import EngineArgs, EngineStats
+from engine.async_engine import AsyncEngine
 from models import ModelConfig, build_model, save_checkpoint
 from models.tokenizer import Tokenizer, train_tokenizer
+from server.app import create_app
+from server.background import serve_in_thread
 
 SAMPLE = Path(__file__).parent / "data" / "wikitext_sample.txt"
 
@@ -58,3 +73,115 @@ def ckpt_factory(tmp_path_factory, tokenizer_file):
         return cache[kind]
 
     return get
+
+
+# ---- an engine in this process, served on a loopback port ---------------------------------------------------------
+@contextmanager
+def running_engine(model: str | Path, **engine_kw) -> Iterator[AsyncEngine]:
+    """A started AsyncEngine (a 4 MiB cache unless engine_kw says otherwise), shut down when the block ends."""
+    engine = AsyncEngine(EngineArgs(model=str(model), **{"cache_memory": 4 << 20, **engine_kw}))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@contextmanager
+def serve_engine(model: str | Path, app_kw: dict | None = None, **engine_kw) -> Iterator[str]:
+    """The base URL of create_app(**app_kw) over running_engine(model, **engine_kw)."""
+    with running_engine(model, **engine_kw) as engine, serve_in_thread(create_app(engine, **(app_kw or {}))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine_kw() -> dict:
+    """EngineArgs fields of the module's `engine` beyond the model (override in a module)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def app_kw() -> dict:
+    """create_app arguments of the module's `url` (override in a module)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt: Path, engine_kw: dict) -> Iterator[AsyncEngine]:
+    with running_engine(tiny_ckpt, **engine_kw) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def url(engine: AsyncEngine, app_kw: dict) -> Iterator[str]:
+    with serve_in_thread(create_app(engine, **app_kw)) as base:
+        yield base
+
+
+def eventually(predicate: Callable[[EngineStats], bool], engine: AsyncEngine, timeout_s: float = 1.0) -> EngineStats:
+    """The first engine stats snapshot satisfying `predicate`; fails after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate(stats := engine.stats()):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {stats}"
+        time.sleep(0.01)
+    return stats
+
+
+def idle(stats: EngineStats) -> bool:
+    return stats.num_running + stats.num_waiting == 0
+
+
+def sse(response: httpx.Response) -> list[dict | str]:
+    """The `data:` payloads of an SSE response, JSON-decoded except the final [DONE]."""
+    payloads = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+# ---- server processes -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def attamba_process(*args: str, **popen_kw) -> subprocess.Popen:
+    """`attamba ARGS...` from this checkout as a child process (text mode)."""
+    return subprocess.Popen([sys.executable, "-m", "entrypoints.cli", *args], text=True, **popen_kw)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60.0,
+                 ready: Callable[[str], bool] = lambda url: True, log: Path | None = None) -> None:
+    """Poll url/health until 200 and ready(url); fails (with the tail of `log`) if the process exits or time runs
+    out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:] if log else f"the server exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"the server was not ready within {timeout_s:g} s"
+        try:
+            if httpx.get(f"{url}/health").status_code == 200 and ready(url):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+
+@contextmanager
+def serve_process(*flags: str, timeout_s: float = 60.0, ready: Callable[[str], bool] = lambda url: True,
+                  log: Path | None = None, **popen_kw) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`attamba serve FLAGS` on a free loopback port: (the process, its URL) once ready (wait_healthy) until the
+    block ends; then SIGTERM (the server drains), SIGKILL if it is still running after a minute."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = attamba_process("serve", *flags, "--port", str(port), **popen_kw)
+    try:
+        wait_healthy(proc, url, timeout_s, ready, log)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

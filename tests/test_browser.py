@@ -3,6 +3,7 @@ an API key and CORS on (`make test-browser` installs both). Skipped where either
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import load_model, save_checkpoint
 from models.tokenizer import SPECIAL_TOKENS, Tokenizer
-from tests.test_playground import served
+
+from conftest import serve_process
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -90,7 +92,7 @@ def test_chat_streams_stops_and_shows_the_cache(endless_ckpt: Path, browser: Web
     flags = ("--model", str(endless_ckpt), "--cache-memory", "16MiB", "--max-num-seqs", "4",
              "--max-model-len", str(CONTEXT), "--api-key", KEY, "--allowed-origins", "https://elsewhere.example",
              "--grace-period", "0")
-    with served(*flags) as url:
+    with serve_process(*flags, "--log-level", "warning", stdout=subprocess.DEVNULL) as (_, url):
         browser.get(url)
         # the page asks for the key (the API answered 401) and connects once it has it
         wait.until(lambda _: el("key-form").is_displayed() and "incorrect API key" in el("model").text)

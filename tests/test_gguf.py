@@ -11,17 +11,15 @@ import torch
 from safetensors import safe_open
 
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
-from engine.async_engine import AsyncEngine
 from engine.cache_layout import CacheLayout
+from entrypoints.cli import main
 from models import ModelConfig, build_model, decode_step, load_model, prefill, registry, save_checkpoint, state_bytes
+from models.gguf import write_gguf
 from models.loading import WEIGHTS
 from models.tokenizer import Tokenizer
-from server.app import create_app
-from server.background import serve_in_thread
 from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
-from server.cli import main
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, serve_engine
 
 
 CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
@@ -112,74 +110,80 @@ def test_engine_with_gqa_matches_forward_under_preemption(tmp_path: Path, tokeni
     assert engine.stats().cache_bytes_used == state_bytes(engine.config, len(prompts[2]), torch.float32)
 
 
-# ---- GGUF conversion ----------------------------------------------------------------------------------------
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's `permute` of Wq / Wk rows (n_head: the KV heads for Wk)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_tiny_gguf(path: Path, model: torch.nn.Module, tokenizer_file: Path, drop: str = "head.weight") -> None:
-    """A llama GGUF the way llama.cpp's converter writes one (F32 tensors, rotary rows permuted), without `drop`."""
-    gguf = pytest.importorskip("gguf")
-    cfg = model.config
-    tok = json.loads(tokenizer_file.read_text())
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-    w.add_eos_token_id(0)
-    w.add_chat_template(CHATML)
-    names = {"embed": "token_embd", "norm": "output_norm", "attn_norm": "attn_norm", "attn.wq": "attn_q",
-             "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output", "ffn_norm": "ffn_norm",
-             "ffn.w1": "ffn_gate", "ffn.w3": "ffn_up", "ffn.w2": "ffn_down"}
-    for name, t in model.state_dict().items():
-        if name in (drop, "head.weight"):
-            continue
-        parts = name.removesuffix(".weight").split(".")
-        a = t.numpy().copy()
-        if parts[0] == "blocks":
-            gname = f"blk.{parts[1]}.{names['.'.join(parts[2:])]}.weight"
-            if parts[-1] in ("wq", "wk"):
-                a = llama_cpp_permute(a, cfg.n_heads if parts[-1] == "wq" else cfg.num_kv_heads)
-        else:
-            gname = f"{names[parts[0]]}.weight"
-        w.add_tensor(gname, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+# ---- GGUF read and write ------------------------------------------------------------------------------------
+# Outside references: transformers reads SmolLM2's GGUF (tests/test_smollm2.py), llama.cpp runs what write_gguf
+# writes (tests/test_llamacpp.py). Here, without either: llama.cpp's Llama graph written out from its definitions
+# runs the written file, and convert-gguf reads back what write_gguf wrote.
+def tiny_llama(tokenizer_file: Path) -> torch.nn.Module:
+    """A grouped-query, tied-embedding Llama with 8-dim heads (so the rotary permutation is not its own inverse)."""
+    cfg = ModelConfig(kind="transformer", vocab_size=Tokenizer.from_file(tokenizer_file).vocab_size, d_model=32,
+                      n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64, rope_theta=5000.0,
+                      tie_embeddings=True, eos_token_id=0)
+    return build_model(cfg, seed=0).eval()
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, tokenizer_file: Path) -> tuple[Path, torch.nn.Module]:
-    vocab = Tokenizer.from_file(tokenizer_file).vocab_size
-    cfg = ModelConfig(kind="transformer", vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      ffn_hidden=48, max_seq_len=64, rope_theta=5000.0, tie_embeddings=True, eos_token_id=0)
-    model = build_model(cfg, seed=0).eval()
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path, model, tokenizer_file)
+    pytest.importorskip("gguf")
+    model = tiny_llama(tokenizer_file)
+    path = write_gguf(model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", "f32", vocab_from=tokenizer_file)
     return path, model
 
 
-def test_convert_gguf_reproduces_the_model_and_tokenizer(tmp_path: Path, tiny_gguf, tokenizer_file: Path,
-                                                         sample: str) -> None:
+def rope_adjacent_pairs(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """llama.cpp's RoPE for Llama (ggml's normal mode): each pair (x[2i], x[2i+1]) turns by pos * theta^(-2i/d)."""
+    d = x.shape[-1]
+    angle = pos[:, None, None].float() * theta ** (-torch.arange(0, d, 2).float() / d)  # [T, 1, d/2]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * angle.cos() - x1 * angle.sin(), x0 * angle.sin() + x1 * angle.cos()], -1).flatten(-2)
+
+
+def llama_cpp_logits(t: dict[str, torch.Tensor], ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Logits [T, V] of GGUF tensors `t` as llama.cpp's Llama graph computes them, written from its definitions."""
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    n, group, pos = len(ids), cfg.n_heads // cfg.num_kv_heads, torch.arange(len(ids))
+    x = t["token_embd.weight"][ids]
+    for b in range(cfg.n_layers):
+        w = {k.split(".")[2]: v for k, v in t.items() if k.startswith(f"blk.{b}.")}
+        h = norm(x, w["attn_norm"])
+        q = rope_adjacent_pairs((h @ w["attn_q"].T).unflatten(-1, (cfg.n_heads, -1)), pos, cfg.rope_theta)
+        k = rope_adjacent_pairs((h @ w["attn_k"].T).unflatten(-1, (cfg.num_kv_heads, -1)), pos, cfg.rope_theta)
+        v = (h @ w["attn_v"].T).unflatten(-1, (cfg.num_kv_heads, -1))
+        scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(group, 1)) / q.shape[-1] ** 0.5
+        p = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        x = x + torch.einsum("hts,shd->thd", p, v.repeat_interleave(group, 1)).flatten(1) @ w["attn_output"].T
+        h = norm(x, w["ffn_norm"])
+        x = x + (torch.nn.functional.silu(h @ w["ffn_gate"].T) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
+    return norm(x, t["output_norm.weight"]) @ t.get("output.weight", t["token_embd.weight"]).T
+
+
+def test_written_gguf_computes_our_logits_the_llama_cpp_way(tiny_gguf) -> None:
+    """The file holds gguf's own Llama tensor names, and llama.cpp's graph on its tensors gives our logits."""
+    from gguf import GGUFReader
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+
+    path, model = tiny_gguf
+    cfg = model.config
+    llama_names = {TENSOR_NAMES[t].format(bid=b) + ".weight" for t in MODEL_TENSORS[MODEL_ARCH.LLAMA]
+                   for b in range(cfg.n_layers)}
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in GGUFReader(path).tensors}
+    assert set(tensors) <= llama_names and len(tensors) == len(model.state_dict()) - 1  # the tied head left out
+    ids = torch.randint(0, cfg.vocab_size, (12,))
+    with torch.no_grad():
+        torch.testing.assert_close(llama_cpp_logits(tensors, ids, cfg), model(ids[None])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_convert_reads_back_what_write_wrote(tmp_path: Path, tiny_gguf, tokenizer_file: Path, sample: str) -> None:
     path, model = tiny_gguf
     assert main(["convert-gguf", str(path), "--out", str(tmp_path / "ck")]) == 0
     loaded = load_model(tmp_path / "ck")
     cfg = loaded.config
-    assert (cfg.n_kv_heads, cfg.tie_embeddings, cfg.rope_theta, cfg.chat_template) == (2, True, 5000.0, CHATML)
+    assert (cfg.n_kv_heads, cfg.tie_embeddings, cfg.rope_theta, cfg.eos_token_id) == (2, True, 5000.0, 0)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], w, atol=0, rtol=0)  # f32 both ways
     ids = torch.randint(0, cfg.vocab_size, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), atol=1e-5, rtol=1e-5)  # eps went through fp32
@@ -198,8 +202,9 @@ def test_convert_gguf_rejects_bad_input_in_one_line(tmp_path: Path, tiny_gguf, t
         src = tmp_path / "x.gguf"
         src.write_bytes(b"not a gguf file at all")
     elif case == "truncated":
-        src = tmp_path / "t.gguf"
-        write_tiny_gguf(src, tiny_gguf[1], tokenizer_file, drop="blocks.1.ffn.w2.weight")
+        model = tiny_llama(tokenizer_file)
+        del model.blocks[1].ffn.w2  # a GGUF without blk.1.ffn_down
+        src = write_gguf(model, tmp_path / "t.gguf", "f32", vocab_from=tokenizer_file)
     else:
         out.mkdir()
         (out / "keep").write_text("x")
@@ -250,16 +255,11 @@ def test_chat_request_a_jinja_template_rejects_is_a_400(tmp_path: Path, tokenize
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be a user turn') }}" \
              "{% endif %}" + CHATML
     path = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, chat_template=strict, eos_token_id=0)
-    engine = AsyncEngine(EngineArgs(model=str(path), cache_memory=4 << 20, max_num_seqs=2))
-    engine.start()
-    try:
-        with serve_in_thread(create_app(engine)) as url:
-            chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
-            bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
-            chat["messages"][0]["role"] = "user"
-            good = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
-    finally:
-        engine.shutdown()
+    with serve_engine(path, max_num_seqs=2) as url:
+        chat = {"max_tokens": 3, "messages": [{"role": "assistant", "content": "Hi"}]}
+        bad = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+        chat["messages"][0]["role"] = "user"
+        good = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
     assert "user turn" in bad.json()["error"]["message"]
     assert good.status_code == 200 and good.json()["usage"]["prompt_tokens"] > 0

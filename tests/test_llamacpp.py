@@ -1,4 +1,4 @@
-"""benchmarks.llamacpp: our transformer exported with write_gguf gives llama.cpp's logits equal to ours.
+"""benchmarks.llamacpp: our transformer exported with models.gguf.write_gguf gives llama.cpp's logits equal to ours.
 
 Skipped without llama-cpp-python or gguf. Small random models (plain and grouped-query attention, tied and
 untied embeddings), f32 and f16 GGUFs; a few tokens, so rotary positions matter.
@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from benchmarks.llamacpp import llamacpp_decode, llamacpp_logits, write_gguf  # noqa: E402
+from benchmarks.llamacpp import llamacpp_decode, llamacpp_logits  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
+from models.gguf import write_gguf  # noqa: E402
 
 IDS = [5, 300, 17, 42, 511, 8, 99, 256, 3, 77, 150, 12]
 

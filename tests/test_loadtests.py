@@ -48,7 +48,7 @@ def test_a_sweep_point_against_attamba_serve(tiny_ckpt: Path, tmp_path: Path) ->
 
 @pytest.mark.skipif(not Path(LLAMA_SERVER).is_file(), reason="no llama-server (make llama-server builds one)")
 def test_a_sweep_point_against_llama_server(ckpt_factory, tokenizer_file: Path, tmp_path: Path) -> None:
-    from benchmarks.llamacpp import write_gguf
+    from models.gguf import write_gguf
 
     gguf = write_gguf(ckpt_factory("transformer"), tmp_path / "m.gguf", "f32", vocab_from=tokenizer_file,
                       context_length=64)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from pathlib import Path
 
@@ -33,3 +34,11 @@ def test_bench_does_not_overwrite_tracked_results_by_default() -> None:
     bench_cli.configure(parser)
     for suite in ("model", "engine"):
         assert parser.parse_args([suite]).out == Path("bench-results")
+
+
+def test_docs_show_no_path_of_a_machine() -> None:
+    """Commands in the docs run from a clone: no absolute paths of the machine they were measured on."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "docs").rglob("*.json"))]
+    found = [f"{p.relative_to(ROOT)}: {m.group()}" for p in docs
+             for m in re.finditer(r"(?<![\w.])/(root|work|home|tmp|Users)/[^\s`\"']*", p.read_text(encoding="utf-8"))]
+    assert not found, found

@@ -5,61 +5,33 @@ from __future__ import annotations
 import fnmatch
 import re
 import subprocess
-import time
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine import EngineArgs
 from engine.async_engine import AsyncEngine
 from server.app import create_app
 from server.background import serve_in_thread
 from server.playground import PAGE
-from tests.test_server_cli import ENGINE_FLAGS, attamba, free_port
+from tests.test_server_cli import ENGINE_FLAGS
 from tests.test_server_errors import assert_error
+
+from conftest import serve_process
 
 ROOT = Path(__file__).parent.parent
 KEY = "playground-key"
 
 
-@contextmanager
-def served(*flags: str) -> Iterator[str]:
-    """`attamba serve FLAGS` on a free loopback port, from /health answering 200 until the block exits."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = attamba("serve", *flags, "--port", str(port), "--log-level", "warning", stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+@pytest.fixture(scope="module")
+def engine_kw() -> dict:
+    return {"max_num_seqs": 4}
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_ckpt: Path) -> Iterator[AsyncEngine]:
-    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=4 << 20, max_num_seqs=4))
-    eng.start()
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(engine: AsyncEngine) -> Iterator[str]:
-    with serve_in_thread(create_app(engine, api_key=KEY, allowed_origins=["https://ui.example"])) as base:
-        yield base
+def app_kw() -> dict:
+    return {"api_key": KEY, "allowed_origins": ["https://ui.example"]}
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -115,6 +87,7 @@ def test_the_page_ships_in_the_package() -> None:
 def test_no_ui_turns_the_page_off(engine: AsyncEngine, tiny_ckpt: Path) -> None:
     with serve_in_thread(create_app(engine, ui=False)) as base:
         assert_error(httpx.get(f"{base}/"), 404)
-    with served("--model", str(tiny_ckpt), *ENGINE_FLAGS, "--no-ui") as base:
+    with serve_process("--model", str(tiny_ckpt), *ENGINE_FLAGS, "--no-ui", "--log-level", "warning",
+                       stdout=subprocess.DEVNULL) as (_, base):
         assert_error(httpx.get(f"{base}/"), 404)
         assert httpx.get(f"{base}/metrics").status_code == 200

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,28 +27,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve")
 
-from engine import EngineArgs  # noqa: E402
-from engine.async_engine import AsyncEngine  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.background import serve_in_thread  # noqa: E402
 from server.ray_app import MergedCollector, PrefixAffinityRouter, affinity_key, labelled_families  # noqa: E402
+
+from conftest import serve_engine, serve_process, sse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "checkpoints" / "attamba-wt2"
 ENGINE_FLAGS = ["--cache-memory", "64MiB", "--max-num-seqs", "16"]
 PROMPTS = ["The history of the", "In 1914 the", "The tower was built", "Valkyria Chronicles is a"]
 START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sse(response: httpx.Response) -> list[dict | str]:
-    payloads = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
 def stream(url: str, prompt: str, max_tokens: int) -> tuple[str, list[dict | str]]:
@@ -122,34 +108,13 @@ def test_prefix_router_is_sticky_until_imbalanced() -> None:
 # ---- a real two-replica server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    port = free_port()
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(MODEL), *ENGINE_FLAGS,
-                                 "--replicas", "2", "--port", str(port), "--grace-period", "30"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray server did not start"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200 and len(replicas_in_metrics(url)) == 2:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+    with open(log, "w") as out, serve_process(
+            "--model", str(MODEL), *ENGINE_FLAGS, "--replicas", "2", "--grace-period", "30",
+            timeout_s=START_TIMEOUT_S, ready=lambda url: len(replicas_in_metrics(url)) == 2, log=log,
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT) as (proc, url):
         yield url, proc, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +138,15 @@ def test_16_concurrent_streams_complete_on_both_replicas(url: str) -> None:
 
 @pytest.mark.slow
 def test_greedy_outputs_equal_the_single_process_server(url: str) -> None:
-    engine = AsyncEngine(EngineArgs(model=str(MODEL), cache_memory=64 << 20, max_num_seqs=16))
-    engine.start()
-    try:
-        with serve_in_thread(create_app(engine)) as single:
-            for prompt in PROMPTS:
-                body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0}
-                want = httpx.post(f"{single}/v1/completions", json=body, timeout=60).json()
-                got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
-                assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
-                chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0.0}
-                assert (httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()["choices"]
-                        == httpx.post(f"{single}/v1/chat/completions", json=chat, timeout=60).json()["choices"])
-    finally:
-        engine.shutdown()
+    with serve_engine(MODEL, cache_memory=64 << 20, max_num_seqs=16) as single:
+        for prompt in PROMPTS:
+            body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0}
+            want = httpx.post(f"{single}/v1/completions", json=body, timeout=60).json()
+            got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+            chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0.0}
+            assert (httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()["choices"]
+                    == httpx.post(f"{single}/v1/chat/completions", json=chat, timeout=60).json()["choices"])
 
 
 @pytest.mark.slow
@@ -209,11 +169,11 @@ def test_metrics_of_every_replica_in_one_scrape(url: str) -> None:
     text = httpx.get(f"{url}/metrics").text
     assert text.count("# TYPE attamba_request_success_total") == 1
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    served = {s.labels["replica"]: s.value for s in families["attamba_request_success"].samples
+    serve_engine = {s.labels["replica"]: s.value for s in families["attamba_request_success"].samples
               if s.name == "attamba_request_success_total"}
-    assert len(served) == 2 and sum(served.values()) >= 8
+    assert len(serve_engine) == 2 and sum(serve_engine.values()) >= 8
     ttft = [s for s in families["attamba_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
-    assert {s.labels["replica"] for s in ttft} == set(served)
+    assert {s.labels["replica"] for s in ttft} == set(serve_engine)
 
 
 KILL_REPLICA = """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main
+from entrypoints.cli import main
 from server.scale_out import ScaleOut
 
 ENGINE_FLAGS = ["--cache-memory", "4MiB", "--port", "0"]

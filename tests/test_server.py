@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -12,11 +10,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import EngineArgs, EngineStats
 from engine.async_engine import AsyncEngine
-from server.app import create_app
-from server.background import serve_in_thread
 from server.chat import ChatTemplate
+
+from conftest import eventually, idle, sse
 
 SAMPLE = (Path(__file__).parent / "data" / "wikitext_sample.txt").read_text()
 PROMPTS = [line.strip()[:80] for line in SAMPLE.splitlines() if len(line.strip()) > 40][:16]
@@ -24,41 +21,18 @@ NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_ckpt: Path) -> Iterator[AsyncEngine]:
-    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=4 << 20, max_num_seqs=16))
-    eng.start()
-    yield eng
-    eng.shutdown()
+def engine_kw() -> dict:
+    return {"max_num_seqs": 16}
 
 
 @pytest.fixture(scope="module")
-def url(engine: AsyncEngine) -> Iterator[str]:
-    with serve_in_thread(create_app(engine, served_model_name=NAME)) as base:
-        yield base
+def app_kw() -> dict:
+    return {"served_model_name": NAME}
 
 
 @pytest.fixture(scope="module")
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def sse(response: httpx.Response) -> list[dict | str]:
-    """The `data:` payloads of an SSE response, JSON-decoded except the final [DONE]."""
-    payloads = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
-
-
-def eventually(predicate: Callable[[EngineStats], bool], engine: AsyncEngine, timeout_s: float = 1.0) -> EngineStats:
-    """The first engine stats snapshot satisfying `predicate`; fails after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate(stats := engine.stats()):
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {stats}"
-        time.sleep(0.01)
-    return stats
-
-
-def idle(stats: EngineStats) -> bool:
-    return stats.num_running + stats.num_waiting == 0
 
 
 def test_openai_completion_stream_equals_non_streaming(client: openai.OpenAI) -> None:

@@ -5,7 +5,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,19 +12,11 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
-from server.cli import main
+from entrypoints.cli import main
+
+from conftest import attamba_process, serve_process
 
 ENGINE_FLAGS = ["--cache-memory", "4MiB", "--max-num-seqs", "4"]
-
-
-def attamba(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "server.cli", *args], text=True, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -54,8 +45,8 @@ def test_serve_rejects_unparsable_flags(capsys) -> None:
 
 
 def test_generate_streams_the_completion(tiny_ckpt: Path) -> None:
-    proc = attamba("generate", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--prompt", "The tower", "--max-tokens", "8",
-                   "--temperature", "0", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = attamba_process("generate", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--prompt", "The tower",
+                           "--max-tokens", "8", "--temperature", "0", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     want = LLM(str(tiny_ckpt), cache_memory=4 << 20).generate("The tower", SamplingParams(temperature=0, max_tokens=8))
@@ -63,20 +54,8 @@ def test_generate_streams_the_completion(tiny_ckpt: Path) -> None:
 
 
 def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = attamba("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--log-level", "warning",
-                   stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with serve_process("--model", str(tiny_ckpt), *ENGINE_FLAGS, "--log-level", "warning",
+                       stdout=subprocess.DEVNULL) as (proc, url):
         body = {"prompt": "The tower", "max_tokens": 300, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()
@@ -92,31 +71,11 @@ def test_sigterm_drains_running_requests_then_exits_0(tiny_ckpt: Path) -> None:
         assert rest[-1] == "[DONE]"
         assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"  # finished, not aborted
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
 
 
 def test_grace_period_end_aborts_streams_with_a_final_chunk_and_logs_it(tiny_ckpt: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = attamba("serve", "--model", str(tiny_ckpt), *ENGINE_FLAGS, "--port", str(port), "--grace-period", "0",
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_healthy(proc, url)
+    with serve_process("--model", str(tiny_ckpt), *ENGINE_FLAGS, "--grace-period", "0", stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE) as (proc, url):
         max_model_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
         body = {"prompt": "The tower", "max_tokens": max_model_len - 8, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
@@ -128,11 +87,7 @@ def test_grace_period_end_aborts_streams_with_a_final_chunk_and_logs_it(tiny_ckp
         assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "abort"
         assert proc.wait(timeout=30) == 0
         log = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert f"on http://127.0.0.1:{port}" in log and "ready" in log
+    assert f"on {url}" in log and "ready" in log
     assert "draining" in log and "aborting the 1 requests" in log
     assert "Traceback" not in log and "CancelledError" not in log
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import re
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,8 @@ from engine.async_engine import AsyncEngine
 from server.app import create_app
 from server.background import serve_in_thread
 
+from conftest import eventually, idle
+
 KEY = "s3cret-key"
 LIMIT = 4096
 
@@ -25,17 +25,8 @@ def new_engine(ckpt: Path, **kw) -> AsyncEngine:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_ckpt: Path) -> Iterator[AsyncEngine]:
-    eng = new_engine(tiny_ckpt)
-    eng.start()
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(engine: AsyncEngine) -> Iterator[str]:
-    with serve_in_thread(create_app(engine, max_body_bytes=LIMIT)) as base:
-        yield base
+def app_kw() -> dict:
+    return {"max_body_bytes": LIMIT}
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
@@ -52,10 +43,7 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None, param:
 def assert_healthy(url: str, engine: AsyncEngine, timeout_s: float = 1.0) -> None:
     """/health is 200 and the engine empties within timeout_s (aborts of dropped streams included)."""
     assert httpx.get(f"{url}/health").status_code == 200
-    deadline = time.monotonic() + timeout_s
-    while (stats := engine.stats()).num_running + stats.num_waiting:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.01)
+    eventually(idle, engine, timeout_s)
 
 
 OK = {"prompt": "The tower", "max_tokens": 2}

@@ -3,7 +3,6 @@ of issue 11, over HTTP against a tiny random checkpoint."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,24 +15,21 @@ from engine.async_engine import AsyncEngine
 from server.app import create_app
 from server.background import serve_in_thread
 from tests.test_guided import SCHEMA
-from tests.test_server import sse
 from tests.test_server_errors import assert_error
+
+from conftest import sse
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_ckpt: Path) -> Iterator[AsyncEngine]:
-    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=4 << 20, max_num_seqs=16, max_waiting=8))
-    eng.start()
-    yield eng
-    eng.shutdown()
+def engine_kw() -> dict:
+    return {"max_num_seqs": 16, "max_waiting": 8}
 
 
 @pytest.fixture(scope="module")
-def url(engine: AsyncEngine) -> Iterator[str]:
-    with serve_in_thread(create_app(engine, allowed_origins=["https://ui.example"])) as base:
-        yield base
+def app_kw() -> dict:
+    return {"allowed_origins": ["https://ui.example"]}
 
 
 def complete(url: str, **body) -> dict:

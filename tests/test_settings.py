@@ -20,7 +20,7 @@ from training.uptrain import UptrainConfig, UptrainFlags
 
 
 def parser_of(module) -> argparse.ArgumentParser:
-    """A command's parser as server/cli.py builds it."""
+    """A command's parser as entrypoints/cli.py builds it."""
     parser = argparse.ArgumentParser(exit_on_error=False)
     module.configure(parser)
     return parser

@@ -17,14 +17,13 @@ pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
-from engine import LLM, EngineArgs, SamplingParams  # noqa: E402
-from engine.async_engine import AsyncEngine  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
 from engine.cache_layout import CacheLayout  # noqa: E402
 from models import load_model, registry  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.background import serve_in_thread  # noqa: E402
 from server.chat import JinjaChatTemplate, load_chat_template  # noqa: E402
+
+from conftest import serve_engine  # noqa: E402
 
 NAME = "smollm2-135m"
 try:
@@ -127,15 +126,10 @@ def test_greedy_engine_equals_generate(smol_dir: Path, tok: Tokenizer, hf_model)
 
 
 def test_chat_completion_answers_sensibly(smol_dir: Path) -> None:
-    engine = AsyncEngine(EngineArgs(model=NAME, cache_memory=64 << 20, max_num_seqs=2))  # the cache set by smol_dir
-    engine.start()
-    try:
-        with serve_in_thread(create_app(engine)) as url:
-            body = {"model": NAME, "max_tokens": 24, "temperature": 0,
-                    "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
-    finally:
-        engine.shutdown()
+    with serve_engine(NAME, cache_memory=64 << 20, max_num_seqs=2) as url:  # the named model's cache set by smol_dir
+        body = {"model": NAME, "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
     choice = reply["choices"][0]
     assert "Paris" in choice["message"]["content"] and "<|im_end|>" not in choice["message"]["content"]
     assert choice["finish_reason"] == "stop"

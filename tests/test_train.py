@@ -12,8 +12,10 @@ import torch
 from models import ModelConfig, build_model, load_model
 from training.evaluate import evaluate_ppl
 from models.tokenizer import Tokenizer, train_tokenizer
-from training.train import TrainConfig, lr_at
-from server.cli import main
+from training.loop import RunDir, WarmupCosine, restore_rngs
+from training.run_flags import RunFlags
+from training.train import TrainConfig, lr_schedule
+from entrypoints.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "wikitext_sample.txt"
@@ -81,11 +83,42 @@ def test_existing_run_needs_resume_flag(tiny_config, tmp_path: Path, capsys: pyt
 
 
 def test_lr_schedule() -> None:
-    tc = TrainConfig(tokenizer="t", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert lr_at(0, tc) == pytest.approx(0.1)
-    assert lr_at(9, tc) == pytest.approx(1.0)
-    assert lr_at(60, tc) == pytest.approx(0.55)
-    assert lr_at(110, tc) == pytest.approx(0.1)
+    schedule = lr_schedule(TrainConfig(tokenizer="t", lr=2.0, min_lr=0.2, warmup_steps=10, max_steps=110))
+    assert schedule == WarmupCosine(total=110, warmup=10, floor=0.1)
+    assert [schedule.factor(s) for s in (0, 9, 60, 110, 200)] == pytest.approx([0.1, 1.0, 0.55, 0.1, 0.1])
+    opt = torch.optim.SGD([{"params": [torch.zeros(1)], "peak": 2.0}, {"params": [torch.zeros(1)], "peak": 0.5}])
+    schedule.apply(opt, 60)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1.1, 0.275])
+
+
+def test_run_dir_state_restores_every_rng_and_trims_the_log(tmp_path: Path) -> None:
+    run_dir = RunDir(tmp_path / "run")
+    assert not run_dir.resumes(None, "a run")
+    run_dir.create()
+    gen = torch.Generator().manual_seed(1)
+    run_dir.save({"step": 2}, gen)
+    assert run_dir.resumes("auto", "a run")
+    with pytest.raises(ValueError, match="--resume auto"):
+        run_dir.resumes(None, "a run")
+
+    def draws() -> list[torch.Tensor]:
+        cuda = [torch.rand(3, device="cuda").cpu()] if torch.cuda.is_available() else []
+        return [torch.rand(3), torch.rand(3, generator=gen), *cuda]
+
+    expected = draws()
+    state = run_dir.load()
+    assert state["step"] == 2 and (state["cuda_rng"] is None) == (not torch.cuda.is_available())
+    restore_rngs(state, gen)
+    assert all(torch.equal(a, b) for a, b in zip(expected, draws(), strict=True))
+    del state["cuda_rng"]  # a state written before the CUDA RNG was saved still resumes
+    restore_rngs(state, gen)
+    records = [{"stage": 1, "step": 2}, {"stage": 1, "step": 3}, {"stage": 2, "step": 1}, {"stage": 2, "step": 2}]
+    run_dir.log_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir.trim_log(stage=2, step=1)
+    assert [json.loads(ln) for ln in run_dir.log_file.read_text().splitlines()] == records[:3]
+    assert (RunFlags("o").deadline(100.0), RunFlags("o", max_minutes=0.5).deadline(100.0)) == (math.inf, 130.0)
+    with pytest.raises(ValueError, match="--max-minutes"):
+        RunFlags("o", max_minutes=-1)
 
 
 @pytest.mark.parametrize("argv", [

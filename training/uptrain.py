@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from models.attention import block_attention
 from models.config import ModelConfig
@@ -45,14 +43,13 @@ from models.tokenizer import Tokenizer
 from engine.settings import add_flags, check_fields, from_args, read_json, setting
 from server.chat import load_chat_template
 
-from .corpus import SOURCES, read_source, summaries
-from .data import batches, cache_dir, encode_corpus
+from .corpus import SOURCES, summaries, training_ids
+from .data import batches
 from .lora import add_lora, lora_factors, parse_targets
+from .loop import Loop, RunDir, WarmupCosine, restore_rngs
 from .mixture import Mixture, MixtureConfig
 from .run_flags import RunFlags
 
-STATE_FILE = "train_state.pt"
-LOG_FILE = "log.jsonl"
 STAGES = (1, 2)
 RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from")  # a resumed run may change these
 
@@ -189,42 +186,17 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
     return kl + ce_weight * ce, kl.item(), ce.item()
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to peak / 10."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
 # ---- the run ------------------------------------------------------------------------------------------
 def teacher_reference(teacher: str) -> str:
     """How the exported student names its base: the model name, or the directory's absolute path."""
     return teacher if teacher in NAMED_MODELS else str(Path(teacher).resolve())
 
 
-def train_ids(tokenizer: Tokenizer, uc: UptrainConfig) -> Tensor:
-    """The encoded training text: train_text, or the corpus sources concatenated (each cached per tokenizer)."""
-    if uc.train_text:
-        return encode_corpus(tokenizer, Path(uc.train_text).read_text(encoding="utf-8"))
-    return torch.cat([_source_ids(tokenizer, name) for name in uc.sources])
-
-
-def _source_ids(tokenizer: Tokenizer, name: str) -> Tensor:
-    shared = cache_dir() / "uptrain" / f"{name}-{tokenizer.fingerprint[:16]}.pt"
-    if shared.exists():
-        return encode_corpus(tokenizer, read_source(name), shared)
-    own = shared.with_name(f"{shared.stem}-{os.getpid()}.pt")  # concurrent runs each write their own, then rename
-    ids = encode_corpus(tokenizer, read_source(name), own)
-    os.replace(own, shared)
-    return ids
-
-
 class Run:
-    """One resumable uptraining run in directory `out`."""
+    """One resumable uptraining run in `run_dir`."""
 
-    def __init__(self, uc: UptrainConfig, out: Path, deadline: float = math.inf) -> None:
-        self.uc, self.out, self.deadline = uc, out, deadline
+    def __init__(self, uc: UptrainConfig, run_dir: RunDir, deadline: float = math.inf) -> None:
+        self.uc, self.run_dir, self.deadline = uc, run_dir, deadline
         self.teacher_dir = resolve_model(uc.teacher)
         self.teacher = load_model(self.teacher_dir).requires_grad_(False)
         self.cfg = student_config(self.teacher.config, uc, teacher_reference(uc.teacher))
@@ -272,19 +244,15 @@ class Run:
 
     # ---- state ---------------------------------------------------------------------------------------
     def save_state(self) -> None:
-        state = {"ssm": trainable_state(self.student), "optimizer": self.opt.state_dict(), "stage": self.stage,
-                 "step": self.step, "torch_rng": torch.get_rng_state(), "data_rng": self.gen.get_state(),
-                 "config": dataclasses.asdict(self.uc)}
-        tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / STATE_FILE)
+        self.run_dir.save({"ssm": trainable_state(self.student), "optimizer": self.opt.state_dict(),
+                           "stage": self.stage, "step": self.step, "config": dataclasses.asdict(self.uc)}, self.gen)
 
     def load_state(self) -> None:
-        state = torch.load(self.out / STATE_FILE, map_location="cpu", weights_only=False)
+        state = self.run_dir.load()
         saved = {**dataclasses.asdict(UptrainConfig()), **state["config"]}  # fields added since take their defaults
         differ = [k for k, v in dataclasses.asdict(self.uc).items() if saved[k] != v and k not in RESCHEDULABLE]
         if differ:
-            raise ValueError(f"{self.out} was written with a different uptrain config ({', '.join(differ)}); "
+            raise ValueError(f"{self.run_dir.path} was written with a different uptrain config ({', '.join(differ)}); "
                              "use another --out directory")
         self.stage, self.step = int(state["stage"]), int(state["step"])
         if self.stage == 2:
@@ -292,17 +260,12 @@ class Run:
         self.student.load_state_dict(state["ssm"], strict=False)
         self.opt = self._optimizer()
         self.opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        self.gen.set_state(state["data_rng"])
-        log = self.out / LOG_FILE
-        if log.exists():  # drop what was logged after the checkpoint
-            keep = [ln for ln in log.read_text().splitlines()
-                    if ln.strip() and (json.loads(ln)["stage"], json.loads(ln)["step"]) <= (self.stage, self.step)]
-            log.write_text("".join(ln + "\n" for ln in keep))
+        restore_rngs(state, self.gen)
+        self.run_dir.trim_log(stage=self.stage, step=self.step)
 
     def export(self) -> None:
         """Write the student as a delta checkpoint (SSM tensors and adapter factors in bf16) over the teacher."""
-        save_checkpoint(self.student, self.out, self.teacher_dir / "tokenizer.json", dtype=torch.bfloat16,
+        save_checkpoint(self.student, self.run_dir.path, self.teacher_dir / "tokenizer.json", dtype=torch.bfloat16,
                         only={k for k in trainable_state(self.student) if is_ssm(k)}, extra=lora_factors(self.student))
 
     # ---- training ------------------------------------------------------------------------------------
@@ -319,31 +282,26 @@ class Run:
 
     def train(self) -> bool:
         """Run the remaining steps of both stages; False when stopped by the deadline (state saved)."""
-        ids = train_ids(self.tokenizer, self.uc)
+        ids = training_ids(self.tokenizer, self.uc.sources, self.uc.train_text)
         self.student.train()
-        with open(self.out / LOG_FILE, "a") as log:
-            while True:
-                if not self._stage(self._stream(ids), log):
-                    return False
-                self.export()
-                if self.stage == STAGES[-1]:  # stays at its end: a resume with more stage-2 steps continues it
-                    self.save_state()
-                    return True
-                self.stage, self.step = self.stage + 1, 0
-                self._add_adapters()
-                self.opt = self._optimizer()
-                self.save_state()
+        while True:
+            if not self._stage(self._stream(ids)):
+                return False
+            self.export()
+            if self.stage == STAGES[-1]:  # stays at its end: a resume with more stage-2 steps continues it
+                return True
+            self.stage, self.step = self.stage + 1, 0
+            self._add_adapters()
+            self.opt = self._optimizer()
+            self.save_state()
 
-    def _stage(self, stream: Iterator[tuple[Tensor, Tensor | None]], log) -> bool:
+    def _stage(self, stream: Iterator[tuple[Tensor, Tensor | None]]) -> bool:
+        """The rest of the current stage; False when the deadline stopped it (state saved, student exported)."""
         uc, total = self.uc, self.steps(self.stage)
-        bar = tqdm(total=total, initial=self.step, desc=f"stage {self.stage}", unit="step", mininterval=2.0,
-                   dynamic_ncols=True)
-        while self.step < total:
-            for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.step, total, group["peak"], uc.warmup_steps)
-            t0 = time.time()
+
+        def update(step: int) -> dict:
             batch, weights = next(stream)
-            record: dict = {"stage": self.stage, "step": self.step + 1, "lr": self.opt.param_groups[0]["lr"]}
+            record: dict = {"stage": self.stage}
             with torch.autocast("cpu", torch.bfloat16, enabled=uc.autocast):
                 if self.stage == 1:
                     loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
@@ -354,20 +312,19 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.params, uc.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            record.update(loss=loss.item(), tok_s=round(batch[:, :-1].numel() / (time.time() - t0), 1))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            bar.update()
-            out_of_time = time.time() > self.deadline
-            if self.step % uc.ckpt_interval == 0 or out_of_time:
-                self.save_state()
-            if out_of_time and self.step < total:
-                bar.close()
-                self.export()
-                return False
-        bar.close()
+            record["loss"] = loss.item()
+            return record
+
+        def save(step: int) -> None:
+            self.step = step
+            self.save_state()
+
+        loop = Loop(self.opt, WarmupCosine(total, uc.warmup_steps, 0.1), self.run_dir, uc.ckpt_interval,
+                    self.deadline, uc.batch_size * uc.seq_len, desc=f"stage {self.stage}")
+        self.step = loop.run(self.step, update, save)
+        if self.step < total:
+            self.export()
+            return False
         return True
 
 
@@ -395,20 +352,18 @@ def load_uptrain_config(args: argparse.Namespace) -> UptrainConfig:
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     uc, run_flags = load_uptrain_config(args), from_args(RunFlags, args)
-    out = Path(run_flags.out)
-    if (out / STATE_FILE).exists() and run_flags.resume != "auto":
-        raise ValueError(f"{out} already holds an uptraining run; pass --resume auto or choose another --out")
+    run_dir = RunDir(Path(run_flags.out))
+    resuming = run_dir.resumes(run_flags.resume, "an uptraining run")
     torch.set_num_threads(uc.threads)
-    job = Run(uc, out, run_flags.deadline(started))
-    if (out / STATE_FILE).exists():
+    job = Run(uc, run_dir, run_flags.deadline(started))
+    if resuming:
         job.load_state()
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LOG_FILE).write_text("")
-    (out / "uptrain_config.json").write_text(json.dumps(dataclasses.asdict(uc), indent=2) + "\n")
+        run_dir.create()
+    (run_dir.path / "uptrain_config.json").write_text(json.dumps(dataclasses.asdict(uc), indent=2) + "\n")
     if not job.train():
-        print(f"time budget reached; state saved in {out / STATE_FILE} and the student so far exported "
+        print(f"time budget reached; state saved in {run_dir.state_file} and the student so far exported "
               "(continue with --resume auto)", file=sys.stderr)
         return 0
-    print(f"done: the student is exported to {out} (a delta over {job.cfg.base_model})", file=sys.stderr)
+    print(f"done: the student is exported to {run_dir.path} (a delta over {job.cfg.base_model})", file=sys.stderr)
     return 0

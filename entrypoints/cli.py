@@ -8,7 +8,7 @@ import sys
 # sub-command -> module with `configure(parser)` and `run(args) -> int`; imported only when used
 COMMANDS = {
     "serve": ("server.serve", "run the OpenAI-compatible HTTP server"),
-    "generate": ("server.generate", "stream one completion to stdout"),
+    "generate": ("entrypoints.generate", "stream one completion to stdout"),
     "train": ("training.train", "train a model from a config file (resumable)"),
     "uptrain": ("training.uptrain", "distil a pretrained transformer into Attamba (resumable)"),
     "eval-ppl": ("training.evaluate", "WikiText-2 perplexity as JSON"),

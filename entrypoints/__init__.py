@@ -1,0 +1,1 @@
+"""The `attamba` command line (cli.py) and its commands that only drive other packages (generate.py)."""
