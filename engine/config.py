@@ -9,12 +9,30 @@ from dataclasses import dataclass
 
 import torch
 
+from models.quant import QUANTIZATIONS
+
 from .settings import setting
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+AUTO = "auto"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(name: str, device: str, model_dtype: torch.dtype | None = None) -> torch.dtype:
+    """A --dtype name -> torch dtype; "auto": the model's own dtype on CUDA (bf16 when unknown), on a CPU bf16
+    where it is native, else fp32."""
+    if name != AUTO:
+        return DTYPES[name]
+    if device.startswith("cuda"):
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def parse_bytes(text: str | int) -> int:
@@ -43,7 +61,10 @@ class EngineArgs:
                                         shown="8x the training length, reduced to what the cache holds")
     block_size: int = setting(16, "boundary (or KV) entries per cache block")
     device: str = setting("cpu", "where the model runs", choices=("cpu", "cuda"))
-    dtype: str = setting("float32", "weights and cached K/V", choices=tuple(sorted(DTYPES)))
+    dtype: str = setting(AUTO, "weights and cached K/V; auto: bf16 where the CPU has native bf16 (AVX512-BF16 or "
+                         "AMX), else fp32; on CUDA the model's dtype", choices=(AUTO, *sorted(DTYPES)))
+    quantization: str | None = setting(None, "weight-only quantization of the linear layers",
+                                       choices=QUANTIZATIONS, shown="none")
     enforce_eager: bool = setting(False, "on CUDA, run the decode step eagerly instead of replaying captured "
                                   "CUDA graphs")
     max_waiting: int = setting(256, "sequences the waiting queue holds; more get 429")
@@ -61,8 +82,10 @@ class EngineArgs:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "prefix_snapshot_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if self.dtype != AUTO and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -70,7 +93,8 @@ class EngineArgs:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype of weights and cached K/V (auto resolved for this device; on CUDA bf16)."""
+        return resolve_dtype(self.dtype, self.device)
 
     @property
     def num_threads(self) -> int:

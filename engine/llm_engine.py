@@ -9,6 +9,7 @@ import torch
 
 from models.config import ModelConfig
 from models.loading import load_model
+from models.quant import INT8_LINEARS, quantize_linears
 from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
 
@@ -41,6 +42,8 @@ class LLMEngine:
         self.device = torch.device(args.device)
         torch.set_num_threads(args.num_threads)
         self.model = load_model(path, self.device, args.torch_dtype, **overrides)
+        if args.quantization == "int8":
+            quantize_linears(self.model, INT8_LINEARS)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         self.model_name = args.model if args.model in NAMED_MODELS else path.resolve().name

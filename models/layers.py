@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quant import Int8Linear
+
 
 def trunc_normal_(weight: Tensor, std: float) -> Tensor:
     """Truncated normal at 3 sigma, the init of every projection."""
@@ -38,7 +40,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w13: Tensor | None = None  # w1 and w3 packed for one matrix product (see pack)
+        self.w13: Tensor | Int8Linear | None = None  # w1 and w3 packed for one matrix product (see pack)
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.w1.weight, self.w1.in_features**-0.5)
@@ -47,11 +49,11 @@ class SwiGLU(nn.Module):
 
     def pack(self) -> None:
         """Pack w1 and w3 into one matrix (they become views of it)."""
-        self.w13 = pack_([self.w1.weight, self.w3.weight], 0)
+        self.w13 = pack_linears([self.w1, self.w3])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, -1)
+            gate, up = linear(x, self.w13).chunk(2, -1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -75,6 +77,18 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """Rotate-half RoPE. x: [..., T, H, D] (or [B, H, D] with pos [B]); pos broadcast to x[..., :-2]."""
     return rotate(x, *rope_tables(pos, x.shape[-1], theta))
+
+
+def pack_linears(mods: list[nn.Module]) -> Tensor | Int8Linear:
+    """The rows of several bias-free linears as one weight (float: a tensor, see pack_; int8: an Int8Linear)."""
+    if all(isinstance(m, Int8Linear) for m in mods):
+        return Int8Linear.cat(mods)
+    return pack_([m.weight for m in mods], 0)
+
+
+def linear(x: Tensor, w: Tensor | Int8Linear) -> Tensor:
+    """x W^T for a packed weight of either form."""
+    return w(x) if isinstance(w, Int8Linear) else F.linear(x, w)
 
 
 def pack_(params: list[nn.Parameter], dim: int | None) -> Tensor:

@@ -34,7 +34,8 @@ from kernels import decode_attention, prefill_attention, ssm_step, store_kv
 from .attention import block_attention
 from .config import ModelConfig
 from .kv_spec import CacheSpec, chunk_start
-from .layers import RMSNorm, SwiGLU, apply_rope, pack_, rms_norm, rotate, trunc_normal_
+from .layers import RMSNorm, SwiGLU, apply_rope, linear, pack_, pack_linears, rms_norm, rotate, trunc_normal_
+from .quant import Int8Linear
 from .paged import DecodeMetadata, LayerCache, PrefillMetadata
 from .ssm import ChunkSSM, SSMState
 
@@ -58,7 +59,7 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 class _Packed:
     """A layer's decode weights packed into few tensors (the parameters become views of them)."""
 
-    w_in: Tensor  # [q | k-SSM in_proj | v-SSM in_proj], [q | k | v | k-SSM in_proj | v-SSM in_proj] or [q | k | v]
+    w_in: Tensor | Int8Linear  # [q | k-SSM in_proj | v-SSM in_proj], [q | k | v | k-SSM in_proj | v-SSM in_proj] or [q | k | v]
     conv: Tensor | None = None  # [2, C, conv_width]
     A_log: Tensor | None = None  # [2, h]
     D: Tensor | None = None  # [2, h]
@@ -94,16 +95,16 @@ class Attention(nn.Module):
 
     def pack(self) -> None:
         """Pack the decode weights (no copy is kept: the parameters become views)."""
-        proj = [self.wq.weight] + ([self.wk.weight, self.wv.weight] if self.cfg.has_kv_proj else [])
+        proj = [self.wq] + ([self.wk, self.wv] if self.cfg.has_kv_proj else [])
         if self.cfg.has_ssm:
             k, v = self.ssm_k, self.ssm_v
             self.packed = _Packed(
-                w_in=pack_(proj + [k.in_proj.weight, v.in_proj.weight], 0),
+                w_in=pack_linears(proj + [k.in_proj, v.in_proj]),
                 conv=pack_([k.conv_weight, v.conv_weight], None), A_log=pack_([k.A_log, v.A_log], None),
                 D=pack_([k.D, v.D], None), norm=pack_([k.norm.weight, v.norm.weight], None),
                 out=pack_([k.out_proj.weight, v.out_proj.weight], None))
         else:
-            self.packed = _Packed(w_in=pack_(proj, 0))
+            self.packed = _Packed(w_in=pack_linears(proj))
 
     def _skip_k(self, u: Tensor) -> Tensor:
         """What the K-SSM's output is added to: Wk u (kv_skip "proj") or u."""
@@ -130,7 +131,7 @@ class Attention(nn.Module):
     def _qkv_decode(self, u: Tensor, meta: DecodeMetadata, cache: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, D] and k, v [B, Hkv, D] after RoPE, from the packed weights."""
         cfg, w = self.cfg, self.packed
-        proj = F.linear(u, w.w_in)
+        proj = linear(u, w.w_in)
         if cfg.has_ssm:
             E, C, A = cfg.ssm_inner, cfg.conv_channels, cfg.attn_dim
             if cfg.has_kv_proj:  # skip = [Wk u, Wv u]

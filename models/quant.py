@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 
 QUANTIZATIONS = ("int8",)
+# every matrix product of a token: attention projections, the SSMs' input projections, the FFN, the output head
+# (the SSMs' small output projections stay in the model's dtype)
+INT8_LINEARS = ("wq", "wk", "wv", "wo", "in_proj", "w1", "w3", "w2", "head")
 
 
 class Int8Linear(nn.Module):

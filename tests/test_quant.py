@@ -45,3 +45,22 @@ def test_quantize_linears_replaces_only_the_named_bias_free_linears() -> None:
     assert type(model["other"]) is nn.Linear and type(model["b"]["wq"]) is nn.Linear  # a bias is not handled
     with pytest.raises(ValueError, match="int8 weights"):
         Int8Linear(torch.zeros(4, 4), torch.ones(4))
+
+
+@pytest.mark.parametrize("kind", ["attamba", "transformer"])
+def test_int8_engine_generation_equals_the_int8_models_full_forward(tmp_path, tokenizer_file, kind: str) -> None:
+    """--quantization int8: packed decode and chunked prefill agree with the quantized model's own forward."""
+    from engine import LLM, SamplingParams
+    from models import load_model
+    from models.quant import INT8_LINEARS
+    from conftest import make_checkpoint
+    from tests.test_engine import greedy_reference, prompts_of
+
+    path = make_checkpoint(tmp_path, tokenizer_file, kind)
+    model = load_model(path)
+    assert quantize_linears(model, INT8_LINEARS) == 7 * model.config.n_layers + 1  # 7 per block, the head
+    prompts = prompts_of([1, 7, 20], model.config.vocab_size)
+    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, max_num_seqs=3, quantization="int8",
+              dtype="float32")
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [greedy_reference(model, p, 8) for p in prompts]

@@ -145,7 +145,7 @@ def test_engine_is_built_through_every_serve_flag(tiny_ckpt: Path) -> None:
         "cache_memory": ("8MiB", 8 << 20), "max_model_len": (48, 48), "block_size": (4, 4),
         "device": ("cuda", "cuda"), "dtype": ("bfloat16", "bfloat16"), "enforce_eager": (True, True),
         "max_waiting": (5, 5), "chunk_size": (2, 2), "threads": (1, 1), "enable_prefix_caching": (False, False),
-        "prefix_snapshot_interval": (2, 2),
+        "prefix_snapshot_interval": (2, 2), "quantization": ("int8", "int8"),
     }
     non_defaults(EngineArgs, table)
     ns = parser_of(serve).parse_args(argv_of({name: flag for name, (flag, _) in table.items()}))
@@ -165,6 +165,7 @@ def test_engine_is_built_through_every_serve_flag(tiny_ckpt: Path) -> None:
         assert next(engine.model.parameters()).dtype == torch.bfloat16
         assert 0 < engine.stats().cache_bytes_total <= 8 << 20
         assert (engine.scheduler.max_num_seqs, engine.scheduler.max_num_batched_tokens) == (3, 24)
+        assert type(engine.model.blocks[0].attn.wo).__name__ == "Int8Linear"  # --quantization int8
         assert engine.runner.graphs is None  # --enforce-eager (on CPU there is nothing to capture anyway)
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         for i in range(2):
