@@ -1,4 +1,4 @@
-"""`attamba bench {model,engine,kernels,smollm2,prefix}`: print JSON and write it (and a plot) to --out (default
+"""`attamba bench {model,engine,kernels,cpu,smollm2,prefix}`: print JSON and write it (and a plot) to --out (default
 bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from .kernel_bench import configure as configure_kernels
 
     configure_kernels(k, _ints)
+    c = sub.add_parser("cpu", help="CPU decode/prefill: teacher and student (dtypes, int8) vs transformers, llama.cpp")
+    from .cpu_bench import configure as configure_cpu
+
+    configure_cpu(c, _ints)
     s = sub.add_parser("smollm2", help="SmolLM2-135M: this engine vs HF transformers and llama.cpp (Q4_1, F16)")
     from .smollm2_bench import configure as configure_smollm2
 
@@ -73,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         from .kernel_bench import run as run_kernels
 
         return run_kernels(args)
+    if args.suite == "cpu":
+        from .cpu_bench import run as run_cpu
+
+        return run_cpu(args)
     if args.suite == "smollm2":
         from .smollm2_bench import run as run_smollm2
 

@@ -74,7 +74,7 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
 
 
 def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int | None = None,
-                 device: str = "cpu") -> LLMEngine:
+                 device: str = "cpu", quantization: str | None = None) -> LLMEngine:
     """An engine whose cache holds exactly `batch` sequences of `tokens` tokens (plus a block each),
     prefix caching off (the decode benchmarks fill contexts synthetically)."""
     args = EngineArgs(dtype=dtype)
@@ -82,13 +82,14 @@ def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int |
     per_seq = layout.slot_bytes + (layout.blocks(tokens) + 1) * layout.block_bytes
     return LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
                                 cache_memory=batch * per_seq, max_model_len=tokens + 8, dtype=dtype,
-                                threads=threads or torch.get_num_threads(), device=device,
+                                threads=threads or torch.get_num_threads(), device=device, quantization=quantization,
                                 enable_prefix_caching=False))  # _fill places sequences by hand
 
 
-def filled_engine(path: Path, batch: int, ctx: int, steps: int, dtype: str, device: str = "cpu") -> LLMEngine:
+def filled_engine(path: Path, batch: int, ctx: int, steps: int, dtype: str, device: str = "cpu",
+                  quantization: str | None = None) -> LLMEngine:
     """An engine holding `batch` running sequences of `ctx` cached tokens, warmed up by one step."""
-    engine = sized_engine(path, batch, ctx + steps + 1, dtype, device=device)
+    engine = sized_engine(path, batch, ctx + steps + 1, dtype, device=device, quantization=quantization)
     _fill(engine, batch, ctx, steps)
     engine.step()
     return engine

@@ -50,9 +50,9 @@ def engine_decode(model_dir: Path, dtype: str, batch: int, ctx: int, steps: int,
     return shared_engine_decode(model_dir, batch, ctx, steps, dtype)
 
 
-def engine_ttft(model_dir: Path, dtype: str, ctx: int, threads: int) -> float:
+def engine_ttft(model_dir: Path, dtype: str, ctx: int, threads: int, quantization: str | None = None) -> float:
     """Seconds from add_request to the first token of a `ctx`-token prompt (chunked prefill, 512 per step)."""
-    engine = sized_engine(model_dir, 1, ctx + 8, dtype, threads)
+    engine = sized_engine(model_dir, 1, ctx + 8, dtype, threads, quantization=quantization)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     ids = _ids(ctx, engine.runner.model.config.vocab_size)
     for request_id, prompt in (("warm-up", ids[:32]), ("timed", ids)):

@@ -1,0 +1,157 @@
+"""`attamba bench cpu` (issue 21): CPU decode and prefill, the same weights everywhere, in one run.
+
+Stacks:
+- this engine serving the teacher (smollm2-135m) and an Attamba student (--student, a delta over it), at every
+  combination of --dtypes and --quantizations (weight-only int8), with the engine's default decode step;
+- Hugging Face transformers' LlamaForCausalLM, fp32, the teacher's weights (benchmarks/smollm2_bench.py);
+- llama.cpp: `llama-bench` (batch 1: decode after a context of N tokens, `-d N`; prompt tokens/s) and
+  `llama-batched-bench` (batch > 1, one shared prompt, `-pps`) on an F16 GGUF of the teacher's weights and its
+  Q8_0 requantization (`llama-quantize`), all built by `make llama-bench` from the pinned sdist.
+Decode tokens/s (total over the batch) at each context x batch: contexts are filled synthetically in this
+engine and in transformers (a decode step costs the same whatever the cached values), really in llama.cpp.
+Prefill tokens/s: one real prefill of --prefill-tokens random ids at batch 1. Ratios are against llama.cpp F16
+and transformers in the same run; the machine is shared and noisy, so compare only within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models import load_model
+from models.registry import named_model_gguf, resolve_model
+
+from .engine_bench import filled_engine
+from .smollm2_bench import MODEL, _machine, engine_ttft, hf_decode, hf_model
+
+LLAMA_DIR = Path("build/llama.cpp")
+
+
+def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> float:
+    """This engine's decode tokens/s at a batch and (synthetic) context."""
+    engine = filled_engine(model_dir, batch, ctx, steps, **engine_kw)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def _run_json(cmd: list[str]) -> list[dict]:
+    """A llama.cpp tool's JSON (one array) or JSON-lines output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    text = proc.stdout.strip()
+    return json.loads(text) if text.startswith("[") else [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
+
+
+def llama_bench(tools: Path, gguf: Path, contexts: list[int], steps: int, prefill: int, threads: int) -> dict:
+    """Batch-1 decode tokens/s after each context (llama-bench -d), and prompt tokens/s for `prefill` tokens."""
+    depth = ",".join(map(str, contexts))
+    decode = _run_json([str(tools / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(steps), "-d", depth,
+                        "-t", str(threads), "-r", "2", "-o", "json"])
+    prompt = _run_json([str(tools / "llama-bench"), "-m", str(gguf), "-p", str(prefill), "-n", "0",
+                        "-t", str(threads), "-r", "2", "-o", "json"])
+    out = {int(r["n_depth"]): round(float(r["avg_ts"]), 2) for r in decode}
+    return {"decode": out, "prefill_tokens_per_s": round(float(prompt[0]["avg_ts"]), 1)}
+
+
+def llama_batched(tools: Path, gguf: Path, ctx: int, batch: int, steps: int, threads: int) -> float:
+    """Decode tokens/s of `batch` sequences sharing one `ctx`-token prompt (llama-batched-bench -pps)."""
+    rows = _run_json([str(tools / "llama-batched-bench"), "-m", str(gguf), "-c", str(batch * (ctx + steps) + 256),
+                      "-b", "2048", "-ub", "512", "-npp", str(ctx), "-ntg", str(steps), "-npl", str(batch), "-pps",
+                      "-t", str(threads), "--output-format", "jsonl"])
+    return round(float(rows[0]["speed_tg"]), 2)
+
+
+def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int, prefill: int, threads: int,
+              dtypes: list[str], quantizations: list[str], tools: Path | None, hf: bool) -> dict:
+    teacher_dir = resolve_model(MODEL)
+    result: dict = {"benchmark": "cpu", "teacher": MODEL, "student": str(student), "machine": _machine(threads),
+                    "steps": steps, "prefill_tokens": prefill,
+                    "note": "compare only within this run (shared, noisy machine)"}
+    stacks: dict[str, dict] = {}
+    for model_name, model_dir in (("teacher", teacher_dir), ("student", student)):
+        for dtype in dtypes:
+            for quant in quantizations:
+                kw = {"dtype": dtype, "quantization": None if quant == "none" else quant}
+                stacks[f"ours_{model_name}_{dtype}_{quant}"] = {"model_dir": model_dir, "engine": kw}
+    rows = {(c, b): {"context": c, "batch": b} for c in contexts for b in batches}
+    for name, info in stacks.items():
+        gc.collect()
+        ttft = engine_ttft(info["model_dir"], info["engine"]["dtype"], prefill, threads, info["engine"]["quantization"])
+        info["prefill_tokens_per_s"] = round(prefill / ttft, 1)
+        for (c, b), row in rows.items():
+            gc.collect()
+            row[name] = round(engine_decode(info["model_dir"], b, c, steps, info["engine"]), 2)
+        print(name, info["prefill_tokens_per_s"], file=sys.stderr, flush=True)
+    if hf:
+        hf_lm = hf_model(load_model(teacher_dir))
+        for (c, b), row in rows.items():
+            gc.collect()
+            row["hf_float32"] = round(hf_decode(hf_lm, b, c, steps), 2)
+        stacks["hf_float32"] = {}
+        del hf_lm
+    if tools is not None:
+        from .llamacpp import write_gguf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            f16 = write_gguf(teacher_dir, Path(tmp) / "f16.gguf", "f16", vocab_from=named_model_gguf(MODEL))
+            q8 = Path(tmp) / "q8_0.gguf"
+            subprocess.run([str(tools / "llama-quantize"), str(f16), str(q8), "Q8_0"], check=True, capture_output=True)
+            for name, gguf in (("llamacpp_f16", f16), ("llamacpp_q8_0", q8)):
+                single = llama_bench(tools, gguf, contexts, steps, prefill, threads)
+                stacks[name] = {"prefill_tokens_per_s": single["prefill_tokens_per_s"]}
+                for (c, b), row in rows.items():
+                    row[name] = single["decode"][c] if b == 1 else llama_batched(tools, gguf, c, b, steps, threads)
+                print(name, single, file=sys.stderr, flush=True)
+    for row in rows.values():  # ratios to the references, within this run
+        for ref in ("llamacpp_f16", "hf_float32"):
+            if ref in row:
+                row[f"vs_{ref}"] = {k: round(v / row[ref], 2) for k, v in row.items()
+                                    if k.startswith("ours_") and isinstance(v, float)}
+    result["stacks"] = {k: {kk: vv for kk, vv in v.items() if kk != "model_dir"} for k, v in stacks.items()}
+    result["decode_tokens_per_s"] = list(rows.values())
+    return result
+
+
+def configure(parser: argparse.ArgumentParser, ints) -> None:
+    parser.add_argument("--student", type=Path, default=Path("checkpoints/attamba-smollm2-p8"),
+                        help="the Attamba student checkpoint (default: %(default)s)")
+    parser.add_argument("--contexts", type=ints, default=[1024, 4096, 8192])
+    parser.add_argument("--batches", type=ints, default=[1, 8])
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cell (after one warm-up)")
+    parser.add_argument("--prefill-tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes, comma-separated")
+    parser.add_argument("--quantizations", default="none,int8", help="engine weight quantizations, comma-separated")
+    parser.add_argument("--llama-dir", type=Path, default=LLAMA_DIR,
+                        help="where `make llama-bench` put llama-bench, llama-batched-bench and llama-quantize")
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for bench-cpu.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    tools = None if args.skip_llamacpp else args.llama_dir
+    if tools is not None:
+        missing = [t for t in ("llama-bench", "llama-batched-bench", "llama-quantize") if not (tools / t).exists()]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} not found in {tools}: run `make llama-bench` or pass --skip-llamacpp")
+    if args.steps < 1 or args.prefill_tokens < 1 or args.threads < 1:
+        raise ValueError("--steps, --prefill-tokens and --threads must be positive")
+    torch.set_num_threads(args.threads)
+    result = bench_cpu(args.student, args.contexts, args.batches, args.steps, args.prefill_tokens, args.threads,
+                       [d for d in args.dtypes.split(",") if d], [q for q in args.quantizations.split(",") if q],
+                       tools, not args.skip_hf)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
