@@ -48,9 +48,10 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-# a named model that needs an extra gets it first
+# a model that needs an extra gets it first
 SERVE_DEPS := install
-ifeq ($(MODEL),smollm2-135m)
+# (smollm2: the teacher, or a student stored as a delta over it)
+ifneq ($(findstring smollm2,$(MODEL)),)
 SERVE_DEPS := $(VENV)/.installed-smollm2
 endif
 ifneq ($(REPLICAS),)
@@ -104,14 +105,15 @@ soak: install-dev
 # llama.cpp's llama-server, built from the hash-pinned llama-cpp-python sdist (4 to 30 minutes on 2 cores).
 LLAMA_SERVER := build/llama.cpp/llama-server
 $(LLAMA_SERVER):
-	PYTHON=$(BIN)/python scripts/build_llama_cpp.sh build/llama.cpp llama-server
+	scripts/build_llama_cpp.sh build/llama.cpp llama-server
 
 llama-server: $(LLAMA_SERVER)
 
-# llama.cpp's llama-bench and llama-quantize (F16 -> Q8_0), built the same way: the reference of `attamba bench cpu`.
+# llama.cpp's llama-bench, llama-batched-bench and llama-quantize (F16 -> Q8_0), built the same way: the reference of
+# `attamba bench cpu`.
 LLAMA_BENCH := build/llama.cpp/llama-bench
 $(LLAMA_BENCH):
-	PYTHON=$(BIN)/python scripts/build_llama_cpp.sh build/llama.cpp llama-bench llama-quantize
+	scripts/build_llama_cpp.sh build/llama.cpp llama-bench llama-batched-bench llama-quantize
 
 llama-bench: $(LLAMA_BENCH)
 

@@ -6,8 +6,6 @@
 set -euo pipefail
 VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-PYTHON=${PYTHON:-python3}
-case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # we cd below
 DEST=${1:-build/llama.cpp}
 shift $(( $# > 0 ? 1 : 0 ))
 TARGETS=("${@:-llama-server}")
@@ -15,7 +13,12 @@ SDIST=llama_cpp_python-$VERSION.tar.gz
 
 mkdir -p "$DEST"
 cd "$DEST"
-[ -f "$SDIST" ] || "$PYTHON" -m pip download -q --no-deps --no-binary :all: "llama_cpp_python==$VERSION" -d .
+# The sdist's address from PyPI's simple index (pip download would build its build dependencies from source first)
+if [ ! -f "$SDIST" ]; then
+    URL=$(curl -fsS https://pypi.org/simple/llama-cpp-python/ | grep -o "https://[^\"#]*/$SDIST" | head -1)
+    [ -n "$URL" ] || { echo "error: $SDIST not found on PyPI's simple index" >&2; exit 1; }
+    curl -fsSL -o "$SDIST.part" "$URL" && mv "$SDIST.part" "$SDIST"
+fi
 echo "$SHA256  $SDIST" | sha256sum -c --quiet -
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "$SDIST"
 GENERATOR=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")

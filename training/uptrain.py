@@ -309,7 +309,7 @@ class Run:
                     loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch,
                                                                          uc.ce_weight, weights)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, uc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params + self.lora_params, uc.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             record["loss"] = loss.item()
