@@ -18,7 +18,6 @@ from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts
 from training.lora import LoRALinear, add_lora, lora_factors, parse_targets
 from training.mixture import Mixture, MixtureConfig
 from training.uptrain import distillation_loss, is_ssm, is_trainable
-from training.uptrain_report import greedy
 
 
 def _tiny(kind: str = "transformer", **kw) -> torch.nn.Module:
@@ -131,7 +130,6 @@ def test_greedy_batch_equals_one_prompt_at_a_time(tokenizer_file) -> None:
         for _ in range(6):  # argmax of the full forward, one token at a time
             ref.append(int(model(torch.cat([ids, torch.tensor([ref], dtype=torch.long)], 1))[0, -1].argmax()))
         assert out == ref
-    assert greedy(model, tok, "a b", 3) == tok.decode(greedy_batch(model, [tok.encode("a b")], 3)[0])
 
 
 def test_passkey_prompts_state_the_key_once(tokenizer_file) -> None:

@@ -135,13 +135,14 @@ def build_student(teacher: LM, cfg: ModelConfig, seed: int) -> LM:
     return student
 
 
-def is_trainable(name: str) -> bool:
-    """Whether a student state-dict entry trains: the new SSMs (the delta a checkpoint stores) or an adapter."""
-    return ".attn.ssm_k." in name or ".attn.ssm_v." in name or name.endswith((".lora_a", ".lora_b"))
-
-
 def is_ssm(name: str) -> bool:
-    return is_trainable(name) and not name.endswith((".lora_a", ".lora_b"))
+    """Whether a student state-dict entry is one of the new SSMs (stored as they are in the delta)."""
+    return ".attn.ssm_k." in name or ".attn.ssm_v." in name
+
+
+def is_trainable(name: str) -> bool:
+    """Whether a student state-dict entry trains: a new SSM or an adapter factor."""
+    return is_ssm(name) or name.endswith((".lora_a", ".lora_b"))
 
 
 def trainable_state(model: LM) -> dict[str, Tensor]:
@@ -176,7 +177,7 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
     """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE, averaged with the
     per-token weights [B, T] (default all 1); returns (loss, kl, ce)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    w = torch.ones(targets.shape) if weights is None else weights
+    w = torch.ones(targets.shape, device=batch.device) if weights is None else weights
     w = w.flatten() / w.sum()
     with torch.no_grad():
         t_logp = F.log_softmax(teacher(inputs).flatten(0, 1).float(), -1)
@@ -266,7 +267,7 @@ class Run:
     def export(self) -> None:
         """Write the student as a delta checkpoint (SSM tensors and adapter factors in bf16) over the teacher."""
         save_checkpoint(self.student, self.run_dir.path, self.teacher_dir / "tokenizer.json", dtype=torch.bfloat16,
-                        only={k for k in trainable_state(self.student) if is_ssm(k)}, extra=lora_factors(self.student))
+                        only={k for k in self.student.state_dict() if is_ssm(k)}, extra=lora_factors(self.student))
 
     # ---- training ------------------------------------------------------------------------------------
     def _stream(self, ids: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:

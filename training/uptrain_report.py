@@ -26,14 +26,13 @@ from models.kv_spec import CacheSpec
 from models.lm import LM
 from models.loading import load_model
 from models.registry import resolve_model
-from models.state import decode_step, prefill
 from models.tokenizer import Tokenizer
 
 from server.chat import load_chat_template
 
 from .data import encode_corpus, read_split
 from .evaluate import evaluate_ppl
-from .long_eval import chat_accuracy, load_chat_set, long_ppl, passkey
+from .long_eval import chat_accuracy, greedy_batch, load_chat_set, long_ppl, passkey
 from .uptrain import UptrainConfig, build_student, student_config
 
 PROMPTS = (
@@ -66,25 +65,14 @@ def with_teacher_weights(teacher: LM, cfg: ModelConfig) -> LM:
     return model.eval()
 
 
-@torch.no_grad()
-def greedy(model: LM, tokenizer: Tokenizer, prompt: str, n: int) -> str:
-    """n greedy tokens after prompt through the cached decode path."""
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    logits, state = prefill(model, ids)
-    out = [int(logits[0, -1].argmax())]
-    for _ in range(n - 1):
-        logits, state = decode_step(model, torch.tensor(out[-1:]), state)
-        out.append(int(logits[0].argmax()))
-    return tokenizer.decode(out)
-
-
 def measure(name: str, model: LM, tokenizer: Tokenizer, text: str, args: argparse.Namespace, **extra) -> dict:
     t0 = time.time()
     ppl = evaluate_ppl(model, tokenizer, text, args.seq_len, args.batch_size, args.eval_tokens)
     row = {"name": name, "kind": model.config.kind, "token_ppl": ppl["token_ppl"], "word_ppl": ppl["word_ppl"],
            "tokens": ppl["tokens"], **extra,
            "cache_bytes": {str(n): cache_bytes(model.config, n) for n in (args.seq_len, *LENGTHS)},
-           "samples": [greedy(model, tokenizer, p, args.sample_tokens) for p in PROMPTS]}
+           "samples": [tokenizer.decode(r) for r in
+                       greedy_batch(model, [tokenizer.encode(p) for p in PROMPTS], args.sample_tokens, batch_size=1)]}
     if args.long_windows:
         row["long_ppl"] = long_ppl(model, encode_corpus(tokenizer, text), 4096, 2048, args.long_windows)
     if args.passkey_trials:
