@@ -2,7 +2,8 @@
 
 Stacks:
 - this engine serving the teacher (smollm2-135m) and an Attamba student (--student, a delta over it), at every
-  combination of --dtypes and --quantizations (weight-only int8), with the engine's default decode step;
+  combination of --dtypes, --quantizations (weight-only int8) and --modes (the compiled decode step, the
+  engine's default on a CPU, and the eager one), with each compiled size's compile time;
 - Hugging Face transformers' LlamaForCausalLM, fp32, the teacher's weights (benchmarks/smollm2_bench.py);
 - llama.cpp: `llama-bench` (batch 1: decode after a context of N tokens, `-d N`; prompt tokens/s) and
   `llama-batched-bench` (batch > 1, one shared prompt, `-pps`) on an F16 GGUF of the teacher's weights and its
@@ -28,19 +29,21 @@ import torch
 from models import load_model
 from models.registry import named_model_gguf, resolve_model
 
-from .engine_bench import filled_engine
+from .engine_bench import decode_step_ops, filled_engine
 from .smollm2_bench import MODEL, _machine, engine_ttft, hf_decode, hf_model
 
 LLAMA_DIR = Path("build/llama.cpp")
 
 
-def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> float:
-    """This engine's decode tokens/s at a batch and (synthetic) context."""
+def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> tuple[float, float | None]:
+    """This engine's decode tokens/s at a batch and (synthetic) context, and the seconds its compiled decode
+    step took to compile at start-up for that batch size (None: eager)."""
     engine = filled_engine(model_dir, batch, ctx, steps, **engine_kw)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    return batch * steps / (time.perf_counter() - t0)
+    compiled = getattr(engine.runner.graphs, "compile_s", None)
+    return batch * steps / (time.perf_counter() - t0), (round(compiled[batch], 1) if compiled else None)
 
 
 def _run_json(cmd: list[str]) -> list[dict]:
@@ -72,7 +75,7 @@ def llama_batched(tools: Path, gguf: Path, ctx: int, batch: int, steps: int, thr
 
 
 def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int, prefill: int, threads: int,
-              dtypes: list[str], quantizations: list[str], tools: Path | None, hf: bool) -> dict:
+              dtypes: list[str], quantizations: list[str], modes: list[str], tools: Path | None, hf: bool) -> dict:
     teacher_dir = resolve_model(MODEL)
     result: dict = {"benchmark": "cpu", "teacher": MODEL, "student": str(student), "machine": _machine(threads),
                     "steps": steps, "prefill_tokens": prefill,
@@ -81,8 +84,10 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
     for model_name, model_dir in (("teacher", teacher_dir), ("student", student)):
         for dtype in dtypes:
             for quant in quantizations:
-                kw = {"dtype": dtype, "quantization": None if quant == "none" else quant}
-                stacks[f"ours_{model_name}_{dtype}_{quant}"] = {"model_dir": model_dir, "engine": kw}
+                for mode in modes:
+                    kw = {"dtype": dtype, "quantization": None if quant == "none" else quant,
+                          "enforce_eager": mode == "eager"}
+                    stacks[f"ours_{model_name}_{dtype}_{quant}_{mode}"] = {"model_dir": model_dir, "engine": kw}
     rows = {(c, b): {"context": c, "batch": b} for c in contexts for b in batches}
     for name, info in stacks.items():
         gc.collect()
@@ -90,7 +95,10 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
         info["prefill_tokens_per_s"] = round(prefill / ttft, 1)
         for (c, b), row in rows.items():
             gc.collect()
-            row[name] = round(engine_decode(info["model_dir"], b, c, steps, info["engine"]), 2)
+            row[name], compile_s = engine_decode(info["model_dir"], b, c, steps, info["engine"])
+            row[name] = round(row[name], 2)
+            if compile_s is not None:  # the first engine of a batch size compiles; later ones hit the disk cache
+                info.setdefault("compile_s", {}).setdefault(b, compile_s)
         print(name, info["prefill_tokens_per_s"], file=sys.stderr, flush=True)
     if hf:
         hf_lm = hf_model(load_model(teacher_dir))
@@ -117,6 +125,8 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
             if ref in row:
                 row[f"vs_{ref}"] = {k: round(v / row[ref], 2) for k, v in row.items()
                                     if k.startswith("ours_") and isinstance(v, float)}
+    result["student_decode_step_aten_ops_1x1k"] = {mode: decode_step_ops(student, 1024, mode == "eager")
+                                                    for mode in modes}
     result["stacks"] = {k: {kk: vv for kk, vv in v.items() if kk != "model_dir"} for k, v in stacks.items()}
     result["decode_tokens_per_s"] = list(rows.values())
     return result
@@ -132,6 +142,9 @@ def configure(parser: argparse.ArgumentParser, ints) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes, comma-separated")
     parser.add_argument("--quantizations", default="none,int8", help="engine weight quantizations, comma-separated")
+    parser.add_argument("--modes", default="compiled,eager",
+                        help="engine decode steps, comma-separated: compiled (the default engine) and/or eager "
+                             "(--enforce-eager)")
     parser.add_argument("--llama-dir", type=Path, default=LLAMA_DIR,
                         help="where `make llama-bench` put llama-bench, llama-batched-bench and llama-quantize")
     parser.add_argument("--skip-llamacpp", action="store_true")
@@ -145,12 +158,15 @@ def run(args: argparse.Namespace) -> int:
         missing = [t for t in ("llama-bench", "llama-batched-bench", "llama-quantize") if not (tools / t).exists()]
         if missing:
             raise RuntimeError(f"{', '.join(missing)} not found in {tools}: run `make llama-bench` or pass --skip-llamacpp")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"compiled", "eager"}:
+        raise ValueError("--modes takes compiled and/or eager")
     if args.steps < 1 or args.prefill_tokens < 1 or args.threads < 1:
         raise ValueError("--steps, --prefill-tokens and --threads must be positive")
     torch.set_num_threads(args.threads)
     result = bench_cpu(args.student, args.contexts, args.batches, args.steps, args.prefill_tokens, args.threads,
                        [d for d in args.dtypes.split(",") if d], [q for q in args.quantizations.split(",") if q],
-                       tools, not args.skip_hf)
+                       modes, tools, not args.skip_hf)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -74,7 +74,7 @@ def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
 
 
 def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int | None = None,
-                 device: str = "cpu", quantization: str | None = None) -> LLMEngine:
+                 device: str = "cpu", quantization: str | None = None, enforce_eager: bool = False) -> LLMEngine:
     """An engine whose cache holds exactly `batch` sequences of `tokens` tokens (plus a block each),
     prefix caching off (the decode benchmarks fill contexts synthetically)."""
     args = EngineArgs(dtype=dtype)
@@ -83,13 +83,14 @@ def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int |
     return LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
                                 cache_memory=batch * per_seq, max_model_len=tokens + 8, dtype=dtype,
                                 threads=threads or torch.get_num_threads(), device=device, quantization=quantization,
-                                enable_prefix_caching=False))  # _fill places sequences by hand
+                                enable_prefix_caching=False, enforce_eager=enforce_eager))  # _fill places sequences by hand
 
 
 def filled_engine(path: Path, batch: int, ctx: int, steps: int, dtype: str, device: str = "cpu",
-                  quantization: str | None = None) -> LLMEngine:
+                  quantization: str | None = None, enforce_eager: bool = False) -> LLMEngine:
     """An engine holding `batch` running sequences of `ctx` cached tokens, warmed up by one step."""
-    engine = sized_engine(path, batch, ctx + steps + 1, dtype, device=device, quantization=quantization)
+    engine = sized_engine(path, batch, ctx + steps + 1, dtype, device=device, quantization=quantization,
+                          enforce_eager=enforce_eager)
     _fill(engine, batch, ctx, steps)
     engine.step()
     return engine
@@ -104,12 +105,13 @@ def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> f
     return batch * steps / (time.perf_counter() - t0)
 
 
-def decode_step_ops(path: Path, ctx: int = 1024) -> dict:
+def decode_step_ops(path: Path, ctx: int = 1024, enforce_eager: bool = True) -> dict:
     """aten ops one batch-1 decode step dispatches (torch.profiler): every aten event, and the
-    top-level ones (those Python called, not the ops they decompose into)."""
+    top-level ones (those Python called, not the ops they decompose into); the compiled step
+    (enforce_eager False) dispatches only what Inductor did not fuse into its own code."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = filled_engine(path, 1, ctx, 4, "float32")
+    engine = filled_engine(path, 1, ctx, 4, "float32", enforce_eager=enforce_eager)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.step()
     ops = [e for e in prof.events() if e.name.startswith("aten::")]

@@ -20,6 +20,16 @@ from models.paged import DecodeMetadata, LayerCache, pad_decode_metadata
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def padded_size(batch: int, sizes: tuple[int, ...]) -> int | None:
+    """The smallest of the sorted `sizes` that holds `batch` rows (None: run eagerly)."""
+    return next((s for s in sizes if s >= batch), None)
+
+
+def sizes_up_to(max_batch: int) -> tuple[int, ...]:
+    """The sizes a step is captured or compiled at for batches up to max_batch."""
+    return tuple(s for s in DEFAULT_SIZES if s < max_batch) + (max_batch,)
+
+
 class DecodeGraphs:
     """Captured decode steps keyed by batch size; `__call__` pads, copies, replays. Only `_capture`
     needs CUDA (tests/test_cuda_graphs.py replaces it to run the rest on CPU)."""
@@ -50,13 +60,9 @@ class DecodeGraphs:
         self._pool = graph.pool()
         return graph.replay, out
 
-    def size_for(self, batch: int) -> int | None:
-        """The smallest captured size that holds `batch` rows (None: run eagerly)."""
-        return next((s for s in self.sizes if s >= batch), None)
-
     @torch.no_grad()
     def __call__(self, tokens: Tensor, meta: DecodeMetadata) -> Tensor:
-        size = self.size_for(len(tokens))
+        size = padded_size(len(tokens), self.sizes)
         if size is None or meta.block_tables.shape[1] > self.max_blocks:
             return self.model.decode(tokens, meta, self.caches)
         replay, out, static_tokens, static_meta = self.graphs[size]

@@ -57,6 +57,8 @@ class LLMEngine:
         if self.device.type == "cuda" and not args.enforce_eager:
             if not self.runner.capture_graphs(self.max_model_len, max_running):
                 log.warning("decode runs eagerly: CUDA graphs need the Triton kernels (install triton)")
+        elif not args.enforce_eager:
+            self.runner.compile_decode(max_running)
         self.scheduler = Scheduler(self.cache, max_running, args.max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id

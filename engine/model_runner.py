@@ -1,6 +1,8 @@
 """The model runner: owns every cache tensor and runs one scheduled step of the model.
 
-Pools (L layers, Hkv x D cached heads, S state slots, W ring entries):
+Pools (L layers, Hkv x D cached heads, S state slots, W ring entries; one block and one slot more
+than the cache manager hands out: the sinks, last in their pools, where a compiled step's index -1
+lands, see kernels/_rows.py):
   k_pool, v_pool  [L, num_blocks, block_size, Hkv, D]  boundary (for full attention: every) K/V
   win_k, win_v    [L, S, W, Hkv, D]                    ring of the last W K/V (entry: CacheSpec.ring_slot)
   win_pos         [S, W]                               position held by each ring entry (-1 empty)
@@ -15,6 +17,8 @@ their ops (kernels/) update the pools in place. The runner keeps the ring's posi
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
@@ -24,8 +28,11 @@ from models.paged import DecodeMetadata, LayerCache, build_decode_metadata, buil
 from models.ssm import SSMState
 
 from .cache_layout import CacheLayout
-from .cuda_graphs import DEFAULT_SIZES, DecodeGraphs
+from .compiled_decode import CompiledDecode
+from .cuda_graphs import DecodeGraphs, sizes_up_to
 from .sequence import Sequence
+
+log = logging.getLogger("attamba.engine")
 
 
 class ModelRunner:
@@ -36,18 +43,18 @@ class ModelRunner:
         Hkv, D, L, W, bs = cfg.num_kv_heads, cfg.head_dim, cfg.n_layers, self.spec.window_slots, layout.block_size
         kv = dict(device=device, dtype=layout.kv_dtype)
         self.block_size = bs
-        self.k_pool = torch.zeros(L, num_blocks, bs, Hkv, D, **kv)
+        self.k_pool = torch.zeros(L, num_blocks + 1, bs, Hkv, D, **kv)
         self.v_pool = torch.zeros_like(self.k_pool)
-        S = num_slots if W else 0  # ring slots: none without a window
+        S = num_slots + 1 if W else 0  # ring slots: none without a window
         self.win_k = torch.zeros(L, S, W, Hkv, D, **kv)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((S, W), -1, dtype=torch.long, device=device)
         self.ssm = self.conv = None
         if cfg.has_ssm:
             hd = cfg.ssm_inner // cfg.ssm_heads
-            self.ssm = torch.zeros(L, 2, num_slots, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
-            self.conv = torch.zeros(L, 2, num_slots, cfg.conv_channels, cfg.conv_width - 1, **kv)
-        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), see capture_graphs
+            self.ssm = torch.zeros(L, 2, num_slots + 1, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
+            self.conv = torch.zeros(L, 2, num_slots + 1, cfg.conv_channels, cfg.conv_width - 1, **kv)
+        self.graphs: DecodeGraphs | CompiledDecode | None = None  # captured (CUDA) or compiled (CPU) decode steps
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)
                        for l in range(L)]
@@ -167,9 +174,17 @@ class ModelRunner:
         can be captured (the PyTorch refs sync with the host): False when they do not run here."""
         if not use_triton(self.k_pool):
             return False
-        sizes = tuple(s for s in DEFAULT_SIZES if s < max_batch) + (max_batch,)
-        self.graphs = DecodeGraphs(self.model, self.caches, self._metadata([]), self.layout.blocks(max_model_len), sizes)
+        self.graphs = DecodeGraphs(self.model, self.caches, self._metadata([]), self.layout.blocks(max_model_len),
+                                   sizes_up_to(max_batch))
         return True
+
+    def compile_decode(self, max_batch: int) -> None:
+        """Compile the decode step (CPU) for batch sizes up to max_batch, now; it stays eager when
+        Inductor cannot build (no C++ compiler)."""
+        try:
+            self.graphs = CompiledDecode(self.model, self.caches, self._metadata([]), sizes_up_to(max_batch))
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            log.warning("decode runs eagerly: compiling it failed (%s)", str(e).splitlines()[0])
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> Tensor:

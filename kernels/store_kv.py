@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._rows import cast
+from ._rows import cast, live_rows
 from ._triton import check, jit, next_pow2, tl, use_triton
 
 
 def store_kv_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """k, v [B, Hkv, D] -> k_cache, v_cache [num_entries, Hkv, D] at slot_mapping [B] (-1 skipped)."""
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    keep = live_rows(slot_mapping)
+    if keep is not None:
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache[slot_mapping] = cast(k, k_cache.dtype)
     v_cache[slot_mapping] = cast(v, v_cache.dtype)

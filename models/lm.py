@@ -36,7 +36,7 @@ from .config import ModelConfig
 from .kv_spec import CacheSpec, chunk_start
 from .layers import RMSNorm, SwiGLU, apply_rope, linear, pack_, pack_linears, rms_norm, rotate, trunc_normal_
 from .quant import Int8Linear
-from .paged import DecodeMetadata, LayerCache, PrefillMetadata
+from .paged import DecodeMetadata, LayerCache, LayerMetadata, PrefillMetadata
 from .ssm import ChunkSSM, SSMState
 
 
@@ -117,18 +117,18 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.cfg.num_kv_heads if kv else self.cfg.num_attn_heads, self.cfg.head_dim))
 
     # ---- the serving decode step ---------------------------------------------------------------
-    def forward(self, u: Tensor, meta: DecodeMetadata, cache: LayerCache) -> Tensor:
+    def forward(self, u: Tensor, meta: LayerMetadata, cache: LayerCache) -> Tensor:
         """u [B, d], one token per row -> the sub-layer's output [B, d]; K/V and SSM states are
         written into the pools in place."""
         q, k, v = self._qkv_decode(u, meta, cache)
-        store_kv(k, v, cache.k_flat, cache.v_flat, meta.bnd_store[self.layer])
+        store_kv(k, v, cache.k_flat, cache.v_flat, meta.bnd_store)
         if cache.win_k.shape[1]:
             store_kv(k, v, cache.win_k_flat, cache.win_v_flat, meta.win_store)
-        o = decode_attention(q, cache.k, cache.v, meta.block_tables, meta.bnd_count[self.layer], cache.win_k,
-                             cache.win_v, meta.slots, meta.win_mask[self.layer], self.cfg.head_dim**-0.5)
+        o = decode_attention(q, cache.k, cache.v, meta.block_tables, meta.bnd_count, cache.win_k,
+                             cache.win_v, meta.slots, meta.win_mask, self.cfg.head_dim**-0.5)
         return self.wo(o.flatten(-2))
 
-    def _qkv_decode(self, u: Tensor, meta: DecodeMetadata, cache: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv_decode(self, u: Tensor, meta: LayerMetadata, cache: LayerCache) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, D] and k, v [B, Hkv, D] after RoPE, from the packed weights."""
         cfg, w = self.cfg, self.packed
         proj = linear(u, w.w_in)
@@ -140,7 +140,7 @@ class Attention(nn.Module):
                 skip = u.unsqueeze(0)
             q, zxbcdt = proj[:, : cfg.attn_dim], proj[:, A:].unflatten(-1, (2, -1))  # [B, 2, 2E+2N+h]
             z, xbc, dt = zxbcdt[..., :E], zxbcdt[..., E : E + C], zxbcdt[..., E + C :]
-            y = ssm_step(xbc, dt, cache.conv, cache.ssm, w.conv, w.A_log, w.D, meta.slots, meta.reset[self.layer])
+            y = ssm_step(xbc, dt, cache.conv, cache.ssm, w.conv, w.A_log, w.D, meta.slots, meta.reset)
             y = rms_norm(y * F.silu(z), w.norm, cfg.norm_eps)  # [B, 2, E]: each SSM's gated norm
             kv = torch.baddbmm(skip, y.transpose(0, 1), w.out.transpose(1, 2))  # [2, B, kv width]: SSM(u) + skip
             k, v = kv[0], kv[1]
@@ -205,7 +205,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x: Tensor, meta: DecodeMetadata, cache: LayerCache) -> Tensor:
+    def forward(self, x: Tensor, meta: LayerMetadata, cache: LayerCache) -> Tensor:
         """The decode step of one block: x [B, d] -> [B, d]."""
         h = x + self.attn(self.attn_norm(x), meta, cache)
         return h + self.ffn(self.ffn_norm(h))
@@ -266,11 +266,13 @@ class LM(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(self.norm(hidden)).float()
 
-    def decode(self, tokens: Tensor, meta: DecodeMetadata, caches: list[LayerCache]) -> Tensor:
-        """One token per row: tokens [B] -> logits [B, V], through the paged pools (call pack() first)."""
+    def decode(self, tokens: Tensor, meta: DecodeMetadata, caches: list[LayerCache],
+               blocks: list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]] | None = None) -> Tensor:
+        """One token per row: tokens [B] -> logits [B, V], through the paged pools (call pack() first).
+        blocks: what runs each Block.forward (the compiled blocks of engine/compiled_decode.py)."""
         x = self.embed(tokens)
-        for blk, cache in zip(self.blocks, caches):
-            x = blk(x, meta, cache)
+        for l, (blk, cache) in enumerate(zip(blocks or self.blocks, caches)):
+            x = blk(x, meta.layer(l), cache)
         return self.logits(x)
 
     def prefill(self, input_ids: Tensor, meta: PrefillMetadata, caches: list[LayerCache],

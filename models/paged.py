@@ -30,10 +30,23 @@ class LayerCache:
     conv: Tensor | None  # [2, S, C, conv_width - 1] K- and V-SSM conv histories (SSM kinds)
     ssm: Tensor | None  # [2, S, h, E/h, N] fp32 recurrent states
 
-    def __post_init__(self) -> None:
-        # the same memory as [entries, Hkv, D] rows, where store_kv writes
-        self.k_flat, self.v_flat = self.k.flatten(0, 1), self.v.flatten(0, 1)
-        self.win_k_flat, self.win_v_flat = self.win_k.flatten(0, 1), self.win_v.flatten(0, 1)
+    # the same memory as [entries, Hkv, D] rows, where store_kv writes (views taken when used: a
+    # compiled step must not get two aliasing views of one pool as inputs)
+    @property
+    def k_flat(self) -> Tensor:
+        return self.k.flatten(0, 1)
+
+    @property
+    def v_flat(self) -> Tensor:
+        return self.v.flatten(0, 1)
+
+    @property
+    def win_k_flat(self) -> Tensor:
+        return self.win_k.flatten(0, 1)
+
+    @property
+    def win_v_flat(self) -> Tensor:
+        return self.win_v.flatten(0, 1)
 
 
 @dataclass
@@ -50,6 +63,27 @@ class DecodeMetadata:
     win_mask: Tensor  # [L, B, W] ring entries each row reads (in the window, not a boundary)
     cos: Tensor  # [B, 1, D] RoPE tables at positions
     sin: Tensor
+
+    def layer(self, l: int) -> "LayerMetadata":
+        """What layer l's decode reads: the shared fields and its rows of the per-layer ones (views)."""
+        return LayerMetadata(self.slots, self.block_tables, self.win_store, self.cos, self.sin, self.reset[l],
+                             self.bnd_store[l], self.bnd_count[l], self.win_mask[l])
+
+
+@dataclass
+class LayerMetadata:
+    """One layer's view of a DecodeMetadata. Every layer's view has the same tensor shapes and no
+    layer index, so one compiled Block.forward serves every layer (engine/compiled_decode.py)."""
+
+    slots: Tensor  # [B]
+    block_tables: Tensor  # [B, M]
+    win_store: Tensor  # [B]
+    cos: Tensor  # [B, 1, D]
+    sin: Tensor
+    reset: Tensor  # [B]
+    bnd_store: Tensor  # [B]
+    bnd_count: Tensor  # [B]
+    win_mask: Tensor  # [B, W]
 
 
 def _flat_entry(block_tables: Tensor, entry: Tensor, block_size: int) -> Tensor:

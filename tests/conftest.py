@@ -3,6 +3,13 @@ HTTP in this process (its settings overridable per module through the `engine_kw
 `attamba` processes, SSE."""
 from __future__ import annotations
 
+import os
+
+# Engines in the suite (and the `attamba` processes it starts) run the CPU decode step's compiled path
+# (engine/compiled_decode.py: padding, sinks) with torch.compile off, so no test waits for Inductor;
+# tests/test_compiled_decode.py turns it on to compare the compiled step with the eager one.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
 import json
 import signal
 import socket

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import EngineArgs, LLMEngine, SamplingParams, model_runner
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, padded_size
 from models.paged import pad_decode_metadata
 
 
@@ -85,7 +85,7 @@ def test_block_tables_wider_than_captured_run_eagerly(tiny_ckpt, eager_graphs) -
     wide = pad_decode_metadata(meta, 1, graphs.max_blocks + 1)
     tokens = torch.tensor([seq.last_token])
     before = snapshot(engine)
-    assert graphs.size_for(1) == 1 and graphs.size_for(3) is None
+    assert padded_size(1, graphs.sizes) == 1 and padded_size(3, graphs.sizes) is None
     got = graphs(tokens, wide)
     assert graphs.replays == []
     after = snapshot(engine)

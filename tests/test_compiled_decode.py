@@ -1,0 +1,43 @@
+"""The CPU decode step compiled by torch.compile (engine/compiled_decode.py) against the eager step: the same
+greedy tokens and log-probabilities, padding rows that store nothing outside the pools' sinks, one graph per
+batch size. The rest of the suite runs this path with torch.compile off (tests/conftest.py)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.compiled_decode import CompiledDecode
+from engine.cuda_graphs import sizes_up_to
+
+PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the word"]
+
+
+@pytest.fixture
+def compile_on() -> Iterator[None]:
+    with torch._dynamo.config.patch(disable=False):
+        yield
+
+
+def _generate(llm: LLM, prompts: list[str]) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    return [(list(c.token_ids), list(c.logprobs))
+            for out in llm.generate(prompts, params) for c in out.outputs]
+
+
+def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile_on) -> None:
+    kw = dict(block_size=2, max_model_len=64, max_num_seqs=4, enable_prefix_caching=False)
+    eager, compiled = LLM(tiny_ckpt, enforce_eager=True, **kw), LLM(tiny_ckpt, **kw)
+    step = compiled.engine.runner.graphs
+    assert eager.engine.runner.graphs is None and isinstance(step, CompiledDecode)
+    assert step.sizes == sizes_up_to(4) == (1, 2, 4) and set(step.compile_s) == {1, 2, 4}
+    r = compiled.engine.runner  # warming every size up ran padding rows only: nothing outside the sinks
+    assert not r.k_pool[:, :-1].any() and not r.v_pool[:, :-1].any()
+    assert not r.win_k[:, :-1].any() and not r.ssm[:, :, :-1].any() and bool((r.win_pos == -1).all())
+    for prompts in (PROMPTS, PROMPTS[:1]):  # 3 rows padded to 4, then 1
+        want, got = _generate(eager, prompts), _generate(compiled, prompts)
+        for (want_ids, want_lp), (got_ids, got_lp) in zip(want, got):
+            assert got_ids == want_ids
+            torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=1e-4)
