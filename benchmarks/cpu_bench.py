@@ -108,7 +108,7 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
         stacks["hf_float32"] = {}
         del hf_lm
     if tools is not None:
-        from .llamacpp import write_gguf
+        from models.gguf import write_gguf
 
         with tempfile.TemporaryDirectory() as tmp:
             f16 = write_gguf(teacher_dir, Path(tmp) / "f16.gguf", "f16", vocab_from=named_model_gguf(MODEL))

@@ -33,8 +33,9 @@ class CompiledDecode:
     def __init__(self, model: LM, caches: list[LayerCache], template: DecodeMetadata, sizes: tuple[int, ...]) -> None:
         """template: the metadata of an empty batch (it gives every shape but the batch's)."""
         self.model, self.caches, self.sizes = model, caches, tuple(sorted(sizes))
-        # one graph per size, plus one spare (dynamo falls back to eager past its recompile limit)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.sizes) + 1)
+        # Block.forward's graphs are cached per code object, for every engine of the process: room for this one's
+        # (past the limit dynamo refuses to compile, an error with fullgraph)
+        torch._dynamo.config.recompile_limit += len(self.sizes)
         # PyTorch's own switch (TORCH_COMPILE_DISABLE=1) runs the same padded steps eagerly
         self.blocks = list(model.blocks) if torch._dynamo.config.disable else \
             [torch.compile(blk, fullgraph=True, dynamic=False) for blk in model.blocks]

@@ -66,3 +66,18 @@ def lora_factors(model: nn.Module) -> dict[str, Tensor]:
         if isinstance(mod, LoRALinear):
             out[f"{name}.lora_a"], out[f"{name}.lora_b"] = (t.clone() for t in mod.factors())
     return out
+
+
+def load_lora_factors(model: nn.Module, factors: dict[str, Tensor]) -> None:
+    """Set every adapter from factors as lora_factors names them (A, scale * B); the inverse of lora_factors.
+    Raises ValueError unless they are exactly this model's adapters with the same shapes."""
+    mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
+    want = {f"{name}.lora_{x}" for name in mods for x in "ab"}
+    bad = sorted(set(factors) ^ want) or [k for k in factors if factors[k].shape != model.get_submodule(
+        k.rsplit(".", 1)[0]).get_parameter(k.rsplit(".", 1)[1]).shape]
+    if bad:
+        raise ValueError(f"the stored adapters do not match this model's (targets or rank differ: {bad[:3]})")
+    with torch.no_grad():
+        for name, mod in mods.items():
+            mod.lora_a.copy_(factors[f"{name}.lora_a"])
+            mod.lora_b.copy_(factors[f"{name}.lora_b"] / mod.scale)

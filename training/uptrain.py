@@ -45,7 +45,7 @@ from server.chat import load_chat_template
 
 from .corpus import SOURCES, summaries, training_ids
 from .data import batches
-from .lora import add_lora, lora_factors, parse_targets
+from .lora import add_lora, load_lora_factors, lora_factors, parse_targets
 from .loop import Loop, RunDir, WarmupCosine, restore_rngs
 from .mixture import Mixture, MixtureConfig
 from .run_flags import RunFlags
@@ -204,6 +204,7 @@ class Run:
         if uc.seq_len > self.cfg.max_seq_len:
             raise ValueError(f"seq_len {uc.seq_len} exceeds the teacher's max_seq_len {self.cfg.max_seq_len}")
         self.student = build_student(self.teacher, self.cfg, uc.seed)
+        self.init_lora: dict[str, Tensor] = {}
         if uc.init_from:
             self._init_ssms(Path(uc.init_from))
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -214,23 +215,28 @@ class Run:
         self.opt = self._optimizer()
 
     def _init_ssms(self, path: Path) -> None:
-        """Start from the SSM weights of an earlier student checkpoint (same teacher and SSM sizes)."""
+        """Start from the SSM weights of an earlier student checkpoint (same teacher and SSM sizes), and its
+        adapter factors, if it has them, once stage 2 adds adapters (see _add_adapters)."""
         from safetensors.torch import load_file
 
         if not (path / "model.safetensors").is_file():
             raise ValueError(f"init_from: {path} holds no model.safetensors")
         own = self.student.state_dict()
-        ssm = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if is_ssm(k)}
+        stored = load_file(str(path / "model.safetensors"))
+        ssm = {k: v for k, v in stored.items() if is_ssm(k)}
         bad = [k for k, v in ssm.items() if k not in own or own[k].shape != v.shape]
         if not ssm or bad or set(ssm) != {k for k in own if is_ssm(k)}:
             raise ValueError(f"init_from: {path} does not hold this student's SSMs (mismatched: {bad[:3]})")
         self.student.load_state_dict({k: v.float() for k, v in ssm.items()}, strict=False)
+        self.init_lora = {k: v.float() for k, v in stored.items() if ".lora_" in k}
 
     def _add_adapters(self) -> None:
         """Stage 2's low-rank adapters (idempotent)."""
         if self.uc.lora_rank and not self.lora_params:
             self.lora_params = add_lora(self.student, parse_targets(self.uc.lora_targets), self.uc.lora_rank,
                                         self.uc.lora_alpha)
+            if self.init_lora:  # init_from's adapters (same targets and rank), stored with the scale in B
+                load_lora_factors(self.student, self.init_lora)
 
     def _optimizer(self) -> torch.optim.AdamW:
         groups = [{"params": self.params, "peak": self.uc.lr1 if self.stage == 1 else self.uc.lr2}]
