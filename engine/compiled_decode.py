@@ -37,15 +37,17 @@ class CompiledDecode:
         # (past the limit dynamo refuses to compile, an error with fullgraph)
         torch._dynamo.config.recompile_limit += len(self.sizes)
         # PyTorch's own switch (TORCH_COMPILE_DISABLE=1) runs the same padded steps eagerly
-        self.blocks = list(model.blocks) if torch._dynamo.config.disable else \
-            [torch.compile(blk, fullgraph=True, dynamic=False) for blk in model.blocks]
+        compiling = not torch._dynamo.config.disable
+        self.blocks = [torch.compile(blk, fullgraph=True, dynamic=False) for blk in model.blocks] if compiling \
+            else list(model.blocks)
         self.compile_s: dict[int, float] = {}  # seconds each size took to compile (its warm-up step)
         for size in self.sizes:
             t0 = time.perf_counter()
             self._run(torch.zeros(size, dtype=torch.long, device=template.positions.device),
                       pad_decode_metadata(template, size, 2))  # padding rows only
             self.compile_s[size] = time.perf_counter() - t0
-            log.info("compiled the decode step for batch %d in %.1f s", size, self.compile_s[size])
+            if compiling:
+                log.info("compiled the decode step for batch %d in %.1f s", size, self.compile_s[size])
 
     @torch.no_grad()
     def _run(self, tokens: Tensor, meta: DecodeMetadata) -> Tensor:
