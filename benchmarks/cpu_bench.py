@@ -95,8 +95,8 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
         info["prefill_tokens_per_s"] = round(prefill / ttft, 1)
         for (c, b), row in rows.items():
             gc.collect()
-            row[name], compile_s = engine_decode(info["model_dir"], b, c, steps, info["engine"])
-            row[name] = round(row[name], 2)
+            tok_s, compile_s = engine_decode(info["model_dir"], b, c, steps, info["engine"])
+            row[name] = round(tok_s, 2)
             if compile_s is not None:  # the first engine of a batch size compiles; later ones hit the disk cache
                 info.setdefault("compile_s", {}).setdefault(b, compile_s)
         print(name, info["prefill_tokens_per_s"], file=sys.stderr, flush=True)

@@ -26,6 +26,8 @@ from .cuda_graphs import padded_size
 
 log = logging.getLogger("attamba.engine")
 
+MIN_WIDTH = 2  # block tables are at least this wide: dynamo specialises a dynamic size of 0 or 1
+
 
 class CompiledDecode:
     """The decode step with compiled blocks at batch sizes `sizes`; `__call__` pads and runs it."""
@@ -44,14 +46,13 @@ class CompiledDecode:
         for size in self.sizes:
             t0 = time.perf_counter()
             self._run(torch.zeros(size, dtype=torch.long, device=template.positions.device),
-                      pad_decode_metadata(template, size, 2))  # padding rows only
+                      pad_decode_metadata(template, size, MIN_WIDTH))  # padding rows only
             self.compile_s[size] = time.perf_counter() - t0
             if compiling:
                 log.info("compiled the decode step for batch %d in %.1f s", size, self.compile_s[size])
 
     @torch.no_grad()
     def _run(self, tokens: Tensor, meta: DecodeMetadata) -> Tensor:
-        # a dynamic width must start above 1 (dynamo specialises sizes 0 and 1)
         torch._dynamo.mark_dynamic(meta.block_tables, 1)
         return self.model.decode(tokens, meta, self.caches, self.blocks)
 
@@ -60,6 +61,6 @@ class CompiledDecode:
         size = padded_size(len(tokens), self.sizes)
         if size is None:
             return self.model.decode(tokens, meta, self.caches)
-        padded = pad_decode_metadata(meta, size, max(2, meta.block_tables.shape[1]))
+        padded = pad_decode_metadata(meta, size, max(MIN_WIDTH, meta.block_tables.shape[1]))
         out = self._run(torch.cat([tokens, tokens.new_zeros(size - len(tokens))]), padded)
         return out[: len(tokens)]

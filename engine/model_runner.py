@@ -43,17 +43,18 @@ class ModelRunner:
         Hkv, D, L, W, bs = cfg.num_kv_heads, cfg.head_dim, cfg.n_layers, self.spec.window_slots, layout.block_size
         kv = dict(device=device, dtype=layout.kv_dtype)
         self.block_size = bs
-        self.k_pool = torch.zeros(L, num_blocks + 1, bs, Hkv, D, **kv)
+        blocks, slots = num_blocks + 1, num_slots + 1  # the last of each: the sinks
+        self.k_pool = torch.zeros(L, blocks, bs, Hkv, D, **kv)
         self.v_pool = torch.zeros_like(self.k_pool)
-        S = num_slots + 1 if W else 0  # ring slots: none without a window
+        S = slots if W else 0  # ring slots: none without a window
         self.win_k = torch.zeros(L, S, W, Hkv, D, **kv)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_pos = torch.full((S, W), -1, dtype=torch.long, device=device)
         self.ssm = self.conv = None
         if cfg.has_ssm:
             hd = cfg.ssm_inner // cfg.ssm_heads
-            self.ssm = torch.zeros(L, 2, num_slots + 1, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
-            self.conv = torch.zeros(L, 2, num_slots + 1, cfg.conv_channels, cfg.conv_width - 1, **kv)
+            self.ssm = torch.zeros(L, 2, slots, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
+            self.conv = torch.zeros(L, 2, slots, cfg.conv_channels, cfg.conv_width - 1, **kv)
         self.graphs: DecodeGraphs | CompiledDecode | None = None  # captured (CUDA) or compiled (CPU) decode steps
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)

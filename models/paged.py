@@ -177,7 +177,9 @@ def record_ring(win_pos: Tensor, win_store: Tensor, positions: Tensor) -> None:
 
 
 def _pad(t: Tensor, axis: int, size: int, fill) -> Tensor:
-    """t grown along `axis` to `size`, the new entries `fill`."""
+    """t grown along `axis` to `size`, the new entries `fill` (t itself when it has that size)."""
+    if t.shape[axis] == size:
+        return t
     shape = list(t.shape)
     shape[axis] = size - shape[axis]
     return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], axis)
