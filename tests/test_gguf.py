@@ -19,7 +19,7 @@ from models.loading import WEIGHTS
 from models.tokenizer import Tokenizer
 from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
 
-from conftest import make_checkpoint, serve_engine
+from conftest import SMALL_CACHE, make_checkpoint, serve_engine
 
 
 CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
@@ -104,7 +104,7 @@ def test_engine_with_gqa_matches_forward_under_preemption(tmp_path: Path, tokeni
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert out.token_ids == ids[len(prompt):]
     assert llm.engine.scheduler.num_preemptions > 0
-    engine = LLMEngine(EngineArgs(model=str(path), block_size=1))
+    engine = LLMEngine(EngineArgs(model=str(path), cache_memory=SMALL_CACHE, block_size=1))
     engine.add_request("a", prompts[2], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
     assert engine.stats().cache_bytes_used == state_bytes(engine.config, len(prompts[2]), torch.float32)
