@@ -56,11 +56,13 @@ def _checkpoint(root: Path, kind: str) -> Path:
 
 
 def _fill(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
-    """Put `batch` running sequences with `ctx` cached tokens into the engine, ready to decode."""
+    """Put `batch` running sequences with `ctx` cached tokens into the engine, ready to decode. They decode
+    greedily, as the references do (transformers takes the argmax; llama-bench samples nothing)."""
     spec = engine.runner.spec
     W = spec.window_slots
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for i in range(batch):
-        seq = Sequence(f"fill{i}", 0, [5] * ctx, SamplingParams(max_tokens=steps + 2, ignore_eos=True), steps + 2,
+        seq = Sequence(f"fill{i}", 0, [5] * ctx, params, steps + 2,
                        engine.tokenizer.incremental_decoder())
         engine.cache.allocate(seq, ctx + steps + 1)
         seq.num_computed = ctx

@@ -21,18 +21,21 @@ AUTO = "auto"
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere PyTorch emulates bf16
+    matrix-matrix products, and the engine runs them in fp32 (models/upcast.py)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def resolve_dtype(name: str, device: str, model_dtype: torch.dtype | None = None) -> torch.dtype:
-    """A --dtype name -> torch dtype; "auto": the model's own dtype on CUDA (bf16 when unknown), on a CPU bf16
-    where it is native, else fp32."""
+    """A --dtype name -> torch dtype; "auto": the model's own dtype on CUDA (bf16 when unknown); on a CPU bf16
+    where bf16 matrix-vector products are vectorised (AVX2 or better: decode reads half the bytes of fp32),
+    else fp32."""
     if name != AUTO:
         return DTYPES[name]
     if device.startswith("cuda"):
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    return torch.bfloat16 if native_bf16() else torch.float32
+    return torch.bfloat16 if native_bf16() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
+        else torch.float32
 
 
 def parse_bytes(text: str | int) -> int:
@@ -61,8 +64,9 @@ class EngineArgs:
                                         shown="8x the training length, reduced to what the cache holds")
     block_size: int = setting(16, "boundary (or KV) entries per cache block")
     device: str = setting("cpu", "where the model runs", choices=("cpu", "cuda"))
-    dtype: str = setting(AUTO, "weights and cached K/V; auto: bf16 where the CPU has native bf16 (AVX512-BF16 or "
-                         "AMX), else fp32; on CUDA the model's dtype", choices=(AUTO, *sorted(DTYPES)))
+    dtype: str = setting(AUTO, "weights and cached K/V; auto: bf16 on a CPU with AVX2 or better (without native "
+                         "bf16 its matrix-matrix products run in fp32), else fp32; on CUDA the model's dtype",
+                         choices=(AUTO, *sorted(DTYPES)))
     quantization: str | None = setting(None, "weight-only quantization of the linear layers",
                                        choices=QUANTIZATIONS, shown="none")
     enforce_eager: bool = setting(False, "run the decode step eagerly: no compiled step on a CPU (torch.compile at "

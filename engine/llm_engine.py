@@ -12,11 +12,12 @@ from models.loading import load_model
 from models.quant import INT8_LINEARS, quantize_linears
 from models.registry import NAMED_MODELS, resolve_model
 from models.tokenizer import Tokenizer
+from models.upcast import upcast_linears
 
 from .admission import AdmissionGate, PreparedRequest
 from .cache_layout import CacheLayout
 from .cache_manager import CacheManager
-from .config import EngineArgs
+from .config import EngineArgs, native_bf16
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import EngineStats, StreamDelta
@@ -44,6 +45,8 @@ class LLMEngine:
         self.model = load_model(path, self.device, args.torch_dtype, **overrides)
         if args.quantization == "int8":
             quantize_linears(self.model, INT8_LINEARS)
+        elif self.device.type == "cpu" and args.torch_dtype == torch.bfloat16 and not native_bf16():
+            upcast_linears(self.model)  # bf16 matrix-matrix products in fp32 (models/upcast.py)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         self.model_name = args.model if args.model in NAMED_MODELS else path.resolve().name

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quant import Int8Linear
+from .upcast import UpcastLinear
 
 
 def trunc_normal_(weight: Tensor, std: float) -> Tensor:
@@ -40,7 +41,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w13: Tensor | Int8Linear | None = None  # w1 and w3 packed for one matrix product (see pack)
+        self.w13: Tensor | nn.Module | None = None  # w1 and w3 packed for one matrix product (see pack)
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.w1.weight, self.w1.in_features**-0.5)
@@ -79,16 +80,19 @@ def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     return rotate(x, *rope_tables(pos, x.shape[-1], theta))
 
 
-def pack_linears(mods: list[nn.Module]) -> Tensor | Int8Linear:
-    """The rows of several bias-free linears as one weight (float: a tensor, see pack_; int8: an Int8Linear)."""
+def pack_linears(mods: list[nn.Module]) -> Tensor | nn.Module:
+    """The rows of several bias-free linears as one (float: a tensor, see pack_; int8: an Int8Linear;
+    upcast bf16: an UpcastLinear of the packed tensor)."""
     if all(isinstance(m, Int8Linear) for m in mods):
         return Int8Linear.cat(mods)
-    return pack_([m.weight for m in mods], 0)
+    packed = pack_([m.weight for m in mods], 0)
+    return UpcastLinear(nn.Parameter(packed, requires_grad=False)) if all(isinstance(m, UpcastLinear) for m in mods) \
+        else packed
 
 
-def linear(x: Tensor, w: Tensor | Int8Linear) -> Tensor:
-    """x W^T for a packed weight of either form."""
-    return w(x) if isinstance(w, Int8Linear) else F.linear(x, w)
+def linear(x: Tensor, w: Tensor | nn.Module) -> Tensor:
+    """x W^T for a packed weight of any form (a tensor, or a module: Int8Linear, UpcastLinear)."""
+    return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
 
 
 def pack_(params: list[nn.Parameter], dim: int | None) -> Tensor:

@@ -35,7 +35,6 @@ from .attention import block_attention
 from .config import ModelConfig
 from .kv_spec import CacheSpec, chunk_start
 from .layers import RMSNorm, SwiGLU, apply_rope, linear, pack_, pack_linears, rms_norm, rotate, trunc_normal_
-from .quant import Int8Linear
 from .paged import DecodeMetadata, LayerCache, LayerMetadata, PrefillMetadata
 from .ssm import ChunkSSM, SSMState
 
@@ -59,7 +58,7 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 class _Packed:
     """A layer's decode weights packed into few tensors (the parameters become views of them)."""
 
-    w_in: Tensor | Int8Linear  # [q | k-SSM in_proj | v-SSM in_proj], [q | k | v | k-SSM in_proj | v-SSM in_proj] or [q | k | v]
+    w_in: Tensor | nn.Module  # [q | k-SSM in_proj | v-SSM in_proj], [q | k | v | k-SSM in_proj | v-SSM in_proj] or [q | k | v]
     conv: Tensor | None = None  # [2, C, conv_width]
     A_log: Tensor | None = None  # [2, h]
     D: Tensor | None = None  # [2, h]

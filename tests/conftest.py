@@ -31,9 +31,10 @@ from server.app import create_app
 from server.background import serve_in_thread
 
 SAMPLE = Path(__file__).parent / "data" / "wikitext_sample.txt"
-# cache bytes of the suite's engines: the tiny checkpoints need a few KiB a sequence, and zeroing, copying and
-# comparing the 1 GiB default costs seconds per engine
-SMALL_CACHE = 4 << 20
+# EngineArgs of the suite's engines: fp32, as the references they are compared with (--dtype auto is bf16 on most
+# CPUs), and a small cache (the tiny checkpoints need a few KiB a sequence; zeroing, copying and comparing the
+# 1 GiB default costs seconds per engine)
+ENGINE = {"cache_memory": 4 << 20, "dtype": "float32"}
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +89,8 @@ def ckpt_factory(tmp_path_factory, tokenizer_file):
 # ---- an engine in this process, served on a loopback port ---------------------------------------------------------
 @contextmanager
 def running_engine(model: str | Path, **engine_kw) -> Iterator[AsyncEngine]:
-    """A started AsyncEngine (a SMALL_CACHE cache unless engine_kw says otherwise), shut down when the block ends."""
-    engine = AsyncEngine(EngineArgs(model=str(model), **{"cache_memory": SMALL_CACHE, **engine_kw}))
+    """A started AsyncEngine (ENGINE's settings unless engine_kw says otherwise), shut down when the block ends."""
+    engine = AsyncEngine(EngineArgs(model=str(model), **{**ENGINE, **engine_kw}))
     engine.start()
     try:
         yield engine

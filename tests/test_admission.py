@@ -13,7 +13,7 @@ from engine.errors import ContextLengthExceeded, EngineDead, InvalidPrompt, Inva
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 from server.errors import engine_error
-from conftest import SMALL_CACHE
+from conftest import ENGINE
 
 
 def gate_for(ckpt: Path, max_waiting: int = 6, max_model_len: int | None = 40, fits=lambda n: True,
@@ -109,7 +109,7 @@ def test_cache_fit_is_decided_once_by_fitting_max_model_len(tiny_ckpt: Path) -> 
 
 
 def test_queue_bound_is_decided_on_the_live_queue(tiny_ckpt: Path) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, max_num_seqs=1, max_waiting=2))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE, max_num_seqs=1, max_waiting=2))
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     engine.add_request("a", "hello", SamplingParams(n=2, max_tokens=4, ignore_eos=True))
     assert not engine.has_room(1)
@@ -126,7 +126,7 @@ def test_queue_bound_is_decided_on_the_live_queue(tiny_ckpt: Path) -> None:
 
 
 def test_offline_generate_raises_the_same_typed_errors_before_queuing(tiny_ckpt: Path) -> None:
-    llm = LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE, max_model_len=40, max_waiting=2)
+    llm = LLM(str(tiny_ckpt), **ENGINE, max_model_len=40, max_waiting=2)
     ok = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     cases = ((ContextLengthExceeded, "prompt", [[5] * 30, [5] * 40], ok),
              (InvalidPrompt, "prompt", ["fine", ""], ok),

@@ -11,7 +11,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.compiled_decode import CompiledDecode
 from engine.cuda_graphs import sizes_up_to
-from conftest import SMALL_CACHE
+from conftest import ENGINE
 
 PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the word"]
 
@@ -29,7 +29,7 @@ def _generate(llm: LLM, prompts: list[str]) -> list[tuple[list[int], list[float]
 
 
 def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile_on) -> None:
-    kw = dict(cache_memory=SMALL_CACHE, block_size=2, max_model_len=64, max_num_seqs=4, enable_prefix_caching=False)
+    kw = dict(**ENGINE, block_size=2, max_model_len=64, max_num_seqs=4, enable_prefix_caching=False)
     eager, compiled = LLM(tiny_ckpt, enforce_eager=True, **kw), LLM(tiny_ckpt, **kw)
     step = compiled.engine.runner.graphs
     assert eager.engine.runner.graphs is None and isinstance(step, CompiledDecode)

@@ -8,7 +8,7 @@ import torch
 from engine import EngineArgs, LLMEngine, SamplingParams, model_runner
 from engine.cuda_graphs import DecodeGraphs, padded_size
 from models.paged import pad_decode_metadata
-from conftest import SMALL_CACHE
+from conftest import ENGINE
 
 
 class EagerGraphs(DecodeGraphs):
@@ -52,7 +52,7 @@ def snapshot(engine: LLMEngine) -> list[torch.Tensor]:
 ])
 def test_graph_replays_equal_the_eager_decode(tiny_ckpt, eager_graphs, max_batch: int, sizes: tuple,
                                               replays: list) -> None:
-    args = EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, block_size=2, max_model_len=40, enable_prefix_caching=False)
+    args = EngineArgs(model=str(tiny_ckpt), **ENGINE, block_size=2, max_model_len=40, enable_prefix_caching=False)
     eager, graphed = LLMEngine(args), LLMEngine(args)
     before = snapshot(graphed)
     assert graphed.runner.capture_graphs(graphed.max_model_len, max_batch)
@@ -75,7 +75,7 @@ def test_graph_replays_equal_the_eager_decode(tiny_ckpt, eager_graphs, max_batch
 
 
 def test_block_tables_wider_than_captured_run_eagerly(tiny_ckpt, eager_graphs) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, block_size=2, max_model_len=40))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE, block_size=2, max_model_len=40))
     engine.runner.capture_graphs(engine.max_model_len, 2)
     graphs = engine.runner.graphs
     engine.add_request("r", list(range(3, 12)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))

@@ -9,7 +9,7 @@ from engine import EngineArgs, LLMEngine, SamplingParams
 from kernels import decode_attention_ref, ssm_step_ref, store_kv_ref
 from models.attention import gathered_attention
 from models.ssm import ChunkSSM, SSMState
-from conftest import SMALL_CACHE, make_checkpoint
+from conftest import ENGINE, make_checkpoint
 
 
 def test_ssm_step_ref_equals_chunk_ssm_step() -> None:
@@ -86,7 +86,7 @@ def test_paged_decode_with_padding_row_equals_dense_decode(tmp_path, tokenizer_f
 
     extra = {"n_kv_heads": 2} if kind == "transformer" else {}
     path = make_checkpoint(tmp_path, tokenizer_file, kind, **extra)
-    engine = LLMEngine(EngineArgs(model=str(path), cache_memory=SMALL_CACHE, block_size=2, max_num_batched_tokens=64, dtype=dtype,
+    engine = LLMEngine(EngineArgs(model=str(path), cache_memory=ENGINE["cache_memory"], block_size=2, max_num_batched_tokens=64, dtype=dtype,
                                   enable_prefix_caching=False))  # one step prefills every prompt whole
     model = load_model(path)
     prompts = [[5, 9, 3, 7, 11, 2, 8], [4, 6], [13, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]]
@@ -122,7 +122,7 @@ def test_padded_metadata_changes_no_live_row(tmp_path, tokenizer_file) -> None:
     from models.paged import pad_decode_metadata
 
     path = make_checkpoint(tmp_path, tokenizer_file, "attamba")
-    engines = [LLMEngine(EngineArgs(model=str(path), cache_memory=SMALL_CACHE, block_size=2)) for _ in range(2)]
+    engines = [LLMEngine(EngineArgs(model=str(path), **ENGINE, block_size=2)) for _ in range(2)]
     for engine in engines:
         for i, n in enumerate((5, 11)):
             engine.add_request(f"r{i}", list(range(3, 3 + n)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from engine import LLM, ContextLengthExceeded, EngineArgs, LLMEngine, QueueFull, SamplingParams
 from engine.cache_layout import CacheLayout
 from models import load_model, state_bytes
-from conftest import SMALL_CACHE
+from conftest import ENGINE
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
@@ -37,7 +37,7 @@ def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str, prefix_c
     # sequences outgrow the cache (prompts are admitted only whole, so the decodes must force it)
     layout = CacheLayout.for_model(model.config, 4, torch.float32)
     budget = 4 * layout.slot_bytes + layout.block_bytes * (layout.blocks(94) + 1)  # one long sequence and a bit
-    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, cache_memory=budget, max_num_seqs=4,
+    llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, cache_memory=budget, dtype="float32", max_num_seqs=4,
               enable_prefix_caching=prefix_caching)
     outs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
@@ -51,13 +51,13 @@ def test_greedy_generation_equals_full_forward(ckpt_factory, kind: str, prefix_c
 def test_chunk_size_override_matches_reference(tiny_ckpt) -> None:
     model = load_model(tiny_ckpt, chunk_size=2)
     prompts = prompts_of([5, 17], model.config.vocab_size, seed=1)
-    llm = LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE, chunk_size=2, max_num_batched_tokens=8)
+    llm = LLM(str(tiny_ckpt), **ENGINE, chunk_size=2, max_num_batched_tokens=8)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     assert [o.token_ids for o in outs] == [greedy_reference(model, p, 6) for p in prompts]
 
 
 def test_cache_accounting_matches_state_bytes(tiny_ckpt) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, block_size=1, enable_prefix_caching=False))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE, block_size=1, enable_prefix_caching=False))
     engine.add_request("a", list(range(5, 45)), SamplingParams(max_tokens=3, ignore_eos=True))
     engine.step()  # prefill of 40 tokens -> the first token is sampled, 40 computed
     stats = engine.stats()
@@ -66,7 +66,7 @@ def test_cache_accounting_matches_state_bytes(tiny_ckpt) -> None:
 
 
 def test_sampling_is_seeded_and_top_k1_is_greedy(tiny_ckpt) -> None:
-    llm = LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE)
+    llm = LLM(str(tiny_ckpt), **ENGINE)
     prompt = "The history of"
     greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
     topk1 = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=1, max_tokens=10, ignore_eos=True))[0]
@@ -80,7 +80,7 @@ def test_sampling_is_seeded_and_top_k1_is_greedy(tiny_ckpt) -> None:
 
 
 def test_stop_strings_and_logprobs(tiny_ckpt) -> None:
-    llm = LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE)
+    llm = LLM(str(tiny_ckpt), **ENGINE)
     base = llm.generate(["In 1914"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
     stop = base.text[5:8]
     assert stop and stop not in base.text[:5]
@@ -94,7 +94,7 @@ def test_stop_strings_and_logprobs(tiny_ckpt) -> None:
 
 
 def test_bad_requests_are_rejected_before_queuing(tiny_ckpt) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, max_model_len=64, max_waiting=2))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE, max_model_len=64, max_waiting=2))
     with pytest.raises(ContextLengthExceeded):
         engine.add_request("a", list(range(10, 60)), SamplingParams(max_tokens=20))
     with pytest.raises(ValueError):
@@ -112,7 +112,7 @@ def test_bad_requests_are_rejected_before_queuing(tiny_ckpt) -> None:
                     min_size=1, max_size=25))
 def test_random_add_step_abort_frees_everything(tiny_ckpt, ops) -> None:
     engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=2, max_num_batched_tokens=12, max_num_seqs=3,
-                                  cache_memory=60_000, max_waiting=100))
+                                  cache_memory=60_000, dtype="float32", max_waiting=100))
     live: list[str] = []
     for i, (op, length, max_tokens) in enumerate(ops):
         if op == "add":
@@ -136,7 +136,7 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
 
     from engine import AsyncEngine
 
-    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE))
+    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE))
     eng.start()
     try:
         async def collect(rid: str, params: SamplingParams) -> list:
@@ -168,7 +168,7 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
 
         asyncio.run(main())
         greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        llm_text = LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE).generate("The history of", greedy)[0].text
+        llm_text = LLM(str(tiny_ckpt), **ENGINE).generate("The history of", greedy)[0].text
         deltas = asyncio.run(collect("c", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
         assert "".join(d.text for d in deltas) == llm_text
     finally:
@@ -179,7 +179,7 @@ def test_async_engine_streams_and_aborts(tiny_ckpt) -> None:
 def test_max_model_len_is_fitted_to_the_cache_at_start_up(tiny_ckpt) -> None:
     """As vLLM: an explicit --max-model-len the cache cannot hold is refused at start-up; the default
     is reduced to what one sequence can hold, so every request within it fits the cache."""
-    small = dict(model=str(tiny_ckpt), block_size=1, cache_memory=200_000)
+    small = dict(model=str(tiny_ckpt), block_size=1, cache_memory=200_000, dtype="float32")
     with pytest.raises(ValueError, match=r"--max-model-len 4096 does not fit the cache: at most \d+ tokens"):
         LLMEngine(EngineArgs(max_model_len=4096, **small))
     engine = LLMEngine(EngineArgs(**small))
@@ -192,7 +192,7 @@ def test_max_model_len_is_fitted_to_the_cache_at_start_up(tiny_ckpt) -> None:
 
 
 def test_prefill_chunks_of_several_sequences_run_in_one_forward(tiny_ckpt, monkeypatch) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, max_num_batched_tokens=20, block_size=2,
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE, max_num_batched_tokens=20, block_size=2,
                                   enable_prefix_caching=False))  # no chunk ends at a snapshot point
     calls = []
     extend = engine.model.extend

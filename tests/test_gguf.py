@@ -19,7 +19,7 @@ from models.loading import WEIGHTS
 from models.tokenizer import Tokenizer
 from server.chat import ChatTemplate, JinjaChatTemplate, load_chat_template
 
-from conftest import SMALL_CACHE, make_checkpoint, serve_engine
+from conftest import ENGINE, make_checkpoint, serve_engine
 
 
 CHATML = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n'}}"
@@ -95,7 +95,7 @@ def test_engine_with_gqa_matches_forward_under_preemption(tmp_path: Path, tokeni
     layout = CacheLayout.for_model(model.config, 4, torch.float32)
     # 12 blocks: the first two prompts fit together, and their decodes outgrow the cache
     llm = LLM(str(path), max_num_batched_tokens=16, block_size=4, max_num_seqs=3,
-              cache_memory=layout.block_bytes * (layout.blocks(44) + 1))
+              dtype="float32", cache_memory=layout.block_bytes * (layout.blocks(44) + 1))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         ids = list(prompt)
@@ -104,7 +104,7 @@ def test_engine_with_gqa_matches_forward_under_preemption(tmp_path: Path, tokeni
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert out.token_ids == ids[len(prompt):]
     assert llm.engine.scheduler.num_preemptions > 0
-    engine = LLMEngine(EngineArgs(model=str(path), cache_memory=SMALL_CACHE, block_size=1))
+    engine = LLMEngine(EngineArgs(model=str(path), **ENGINE, block_size=1))
     engine.add_request("a", prompts[2], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
     assert engine.stats().cache_bytes_used == state_bytes(engine.config, len(prompts[2]), torch.float32)

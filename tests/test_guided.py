@@ -9,6 +9,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.guided import GuidedDecoding
+from conftest import ENGINE
 
 SCHEMA = {
     "type": "object",
@@ -25,7 +26,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt) -> LLM:
-    return LLM(str(tiny_ckpt), cache_memory=4 << 20, max_num_seqs=8)
+    return LLM(str(tiny_ckpt), **ENGINE, max_num_seqs=8)
 
 
 def _texts(llm: LLM, guided: GuidedDecoding, n: int = 6, max_tokens: int = 200) -> list[str]:

@@ -222,7 +222,7 @@ def test_engine_generation_with_kernels_equals_torch_path(tmp_path, tokenizer_fi
     for name in ("torch", "triton"):
         with kernels.backend(name):
             llm = LLM(str(path), device=DEV.type, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
-                      cache_memory=1 << 22)
+                      cache_memory=1 << 22, dtype="float32")
             outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outputs["triton"] == outputs["torch"]
 

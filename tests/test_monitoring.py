@@ -10,12 +10,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import EngineArgs
 from engine.async_engine import AsyncEngine
 from server.metrics import Metrics
+from conftest import ENGINE
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "monitoring" / "grafana-dashboard.json"
 
 
 def test_dashboard_queries_exported_metrics(tiny_ckpt: Path) -> None:
-    engine = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=4 << 20))
+    engine = AsyncEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE))
     families = list(text_string_to_metric_families(Metrics(engine, "m").render().decode()))
     exported = {s.name for f in families for s in f.samples} | {f"{f.name}_total" for f in families
                                                                 if f.type == "counter"}

@@ -11,7 +11,7 @@ from engine.block_pool import BlockPool
 from engine.cache_layout import CacheLayout
 from engine.prefix_index import PrefixIndex
 from models import ModelConfig
-from conftest import SMALL_CACHE
+from conftest import ENGINE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -21,7 +21,7 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 def reference(path, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
-    llm = LLM(str(path), cache_memory=SMALL_CACHE, block_size=2, max_num_batched_tokens=16, enable_prefix_caching=False)
+    llm = LLM(str(path), **ENGINE, block_size=2, max_num_batched_tokens=16, enable_prefix_caching=False)
     return [o.token_ids for o in llm.generate(prompts, params)]
 
 
@@ -53,7 +53,7 @@ def test_shared_prefixes_at_every_offset_give_the_same_tokens(ckpt_factory, kind
     path = ckpt_factory(kind)
     base = tokens(40, 0)
     prompts = [base[:cut] + tokens(5, cut) for cut in range(22, 40)]
-    llm = LLM(str(path), cache_memory=SMALL_CACHE, block_size=2, max_num_batched_tokens=16, prefix_snapshot_interval=2)
+    llm = LLM(str(path), **ENGINE, block_size=2, max_num_batched_tokens=16, prefix_snapshot_interval=2)
     llm.generate([base], GREEDY)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference(path, prompts)
     stats = llm.engine.stats()
@@ -68,9 +68,9 @@ def test_preemption_resumes_from_the_cache(ckpt_factory, kind: str) -> None:
     system = tokens(30, 1)
     prompts = [system + tokens(3 + i, 10 + i) for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)  # decodes outgrow the cache
-    layout = CacheLayout.for_model(LLM(str(path), cache_memory=SMALL_CACHE).engine.config, 2, torch.float32)
+    layout = CacheLayout.for_model(LLM(str(path), **ENGINE).engine.config, 2, torch.float32)
     budget = 3 * layout.slot_bytes + layout.block_bytes * (layout.blocks(68) + layout.snapshot_blocks + 2)
-    llm = LLM(str(path), block_size=2, max_num_batched_tokens=16, cache_memory=budget, max_num_seqs=3,
+    llm = LLM(str(path), block_size=2, max_num_batched_tokens=16, cache_memory=budget, dtype="float32", max_num_seqs=3,
               prefix_snapshot_interval=2)
     assert [o.token_ids for o in llm.generate(prompts, params)] == reference(path, prompts, params)
     engine = llm.engine
@@ -80,7 +80,7 @@ def test_preemption_resumes_from_the_cache(ckpt_factory, kind: str) -> None:
 
 def test_n_choices_share_the_prompt(tiny_ckpt) -> None:
     prompt = tokens(37, 3)
-    llm = LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE, block_size=2, max_num_batched_tokens=16)
+    llm = LLM(str(tiny_ckpt), **ENGINE, block_size=2, max_num_batched_tokens=16)
     out = llm.generate([prompt], SamplingParams(n=3, temperature=0.0, max_tokens=5, ignore_eos=True))[0]
     ref = reference(tiny_ckpt, [prompt], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))[0]
     assert [o.token_ids for o in out.outputs] == [ref] * 3
@@ -96,7 +96,7 @@ def test_different_chunk_sizes_never_share() -> None:
 
 
 def test_snapshots_round_trip_through_blocks(tiny_ckpt) -> None:
-    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=SMALL_CACHE, block_size=2))
+    engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), **ENGINE, block_size=2))
     runner, layout = engine.runner, engine.cache.layout
     for part in runner._slot_state(0):
         part.copy_(torch.randn(part.shape).to(part.dtype) if part.is_floating_point() else torch.arange(part.numel()).view(part.shape))
@@ -116,10 +116,10 @@ def test_eviction_under_a_small_budget_never_corrupts_a_sequence(tiny_ckpt, ops)
     """Random adds (prompts sharing prefixes), steps and aborts under a budget that forces eviction
     and preemption: every completed sequence equals its reference, and nothing leaks."""
     base = tokens(40, 7)
-    layout = CacheLayout.for_model(LLM(str(tiny_ckpt), cache_memory=SMALL_CACHE).engine.config, 2, torch.float32)
+    layout = CacheLayout.for_model(LLM(str(tiny_ckpt), **ENGINE).engine.config, 2, torch.float32)
     budget = 3 * layout.slot_bytes + layout.block_bytes * (layout.blocks(48) + 3 * layout.snapshot_blocks)
     engine = LLMEngine(EngineArgs(model=str(tiny_ckpt), block_size=2, max_num_batched_tokens=12, max_num_seqs=3,
-                                  cache_memory=budget, max_waiting=100, prefix_snapshot_interval=1))
+                                  cache_memory=budget, dtype="float32", max_waiting=100, prefix_snapshot_interval=1))
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     prompts: dict[str, list[int]] = {}
     live: list[str] = []

@@ -14,14 +14,14 @@ from engine.async_engine import AsyncEngine
 from server.app import create_app
 from server.background import serve_in_thread
 
-from conftest import eventually, idle
+from conftest import ENGINE, eventually, idle
 
 KEY = "s3cret-key"
 LIMIT = 4096
 
 
 def new_engine(ckpt: Path, **kw) -> AsyncEngine:
-    return AsyncEngine(EngineArgs(model=str(ckpt), cache_memory=4 << 20, **kw))
+    return AsyncEngine(EngineArgs(model=str(ckpt), **ENGINE, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -227,7 +227,7 @@ def test_cors_preflight(url: str) -> None:
 
 
 def test_models_advertise_what_the_cache_holds(tiny_ckpt: Path) -> None:
-    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=200_000, block_size=1))
+    eng = AsyncEngine(EngineArgs(model=str(tiny_ckpt), cache_memory=200_000, dtype="float32", block_size=1))
     with serve_in_thread(create_app(eng)) as base:
         card = httpx.get(f"{base}/v1/models").json()["data"][0]
     assert card["max_model_len"] == eng.max_model_len < 8 * eng.model_config.max_seq_len

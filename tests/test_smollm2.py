@@ -116,7 +116,7 @@ def test_greedy_engine_equals_generate(smol_dir: Path, tok: Tokenizer, hf_model)
     longest = max(len(p) for p in prompts) + n
     # chunked prefill (16-token steps), and a cache that holds one long sequence plus a little: preemption
     llm = LLM(str(smol_dir), max_num_batched_tokens=16, block_size=4, max_num_seqs=3,
-              cache_memory=layout.block_bytes * (layout.blocks(longest) + 4))
+              dtype="float32", cache_memory=layout.block_bytes * (layout.blocks(longest) + 4))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n))
     assert llm.engine.scheduler.num_preemptions > 0
     with torch.no_grad():

@@ -21,7 +21,7 @@ from tests.test_engine import greedy_reference, prompts_of
 from training.corpus import SHAKESPEARE, plays_text, read_source, summaries_text
 from training.data import DataError
 from training.uptrain import UptrainConfig, build_student, is_trainable, student_config
-from conftest import SMALL_CACHE
+from conftest import ENGINE
 
 PROJ = dict(kv_skip="proj", n_kv_heads=2)
 
@@ -57,7 +57,7 @@ def test_proj_variant_greedy_generation_equals_full_forward(tmp_path, tokenizer_
     path = make_checkpoint(tmp_path, tokenizer_file, kind, **PROJ)
     model = load_model(path)
     prompts = prompts_of([1, 6, 19, 40], model.config.vocab_size)
-    llm = LLM(str(path), cache_memory=SMALL_CACHE, max_num_batched_tokens=16, block_size=4, max_num_seqs=3)
+    llm = LLM(str(path), **ENGINE, max_num_batched_tokens=16, block_size=4, max_num_seqs=3)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     assert [o.token_ids for o in outs] == [greedy_reference(model, p, 10) for p in prompts]
 
@@ -120,7 +120,7 @@ def test_uptrain_end_to_end_resumes_exactly(tmp_path, tokenizer_file) -> None:
     assert (cfg.kind, cfg.kv_skip, cfg.base_model) == ("attamba", "proj", str(teacher.resolve()))
     student = load_model(tmp_path / "whole")
     prompts = prompts_of([3, 11], cfg.vocab_size)
-    outs = LLM(str(tmp_path / "whole"), cache_memory=SMALL_CACHE).generate(
+    outs = LLM(str(tmp_path / "whole"), **ENGINE).generate(
         prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert [o.token_ids for o in outs] == [greedy_reference(student, p, 5) for p in prompts]
 
