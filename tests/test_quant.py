@@ -60,7 +60,6 @@ def test_int8_engine_generation_equals_the_int8_models_full_forward(tmp_path, to
     model = load_model(path)
     assert quantize_linears(model, INT8_LINEARS) == 7 * model.config.n_layers + 1  # 7 per block, the head
     prompts = prompts_of([1, 7, 20], model.config.vocab_size)
-    llm = LLM(str(path), **ENGINE, max_num_batched_tokens=16, block_size=4, max_num_seqs=3, quantization="int8",
-              dtype="float32")
+    llm = LLM(str(path), **ENGINE, max_num_batched_tokens=16, block_size=4, max_num_seqs=3, quantization="int8")
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert [o.token_ids for o in outs] == [greedy_reference(model, p, 8) for p in prompts]
