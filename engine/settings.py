@@ -38,16 +38,22 @@ def setting(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any]
     return dataclasses.field(default=default, metadata=meta)
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, overrides: bool = False) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, overrides: bool = False,
+              defaults: Mapping[str, Any] | None = None) -> None:
     """One flag per field of dataclass `cls`, grouped under the first line of its docstring. The
-    parsed default is the field's; with `overrides`, a flag not given is absent from the namespace
-    (so that the flags given can go over a JSON file's values, see from_args)."""
+    parsed default is the field's, or this command's from `defaults` (shown in the help too); with
+    `overrides`, a flag not given is absent from the namespace (so that the flags given can go over a
+    JSON file's values, see from_args)."""
     group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip("."))
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(defaults or ()) - names:
+        raise TypeError(f"{cls.__name__} has no field {sorted(set(defaults) - names)[0]}")
     for f in dataclasses.fields(cls):
         if not f.metadata.get("doc"):
             raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with setting()")
         default = f.default if f.default_factory is MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         kw = _argument(f, _strip_none(hints[f.name]), f"{cls.__name__}.{f.name}")
         if overrides:
             kw["default"] = argparse.SUPPRESS
@@ -119,7 +125,8 @@ def _strip_none(kind: Any) -> Any:
 
 
 def _help(f: dataclasses.Field, default: Any) -> str:
-    shown = f.metadata["shown"]
+    own = f.default if f.default_factory is MISSING else f.default_factory()
+    shown = f.metadata["shown"] if default == own else None  # a command's own default is shown as it is
     if shown is None and default is not MISSING and default is not None:
         shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
     text = f.metadata["doc"] + (f" (default: {shown})" if shown is not None else "")

@@ -14,7 +14,8 @@ from engine.settings import add_flags, from_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, EngineArgs)
+    # one completion runs one sequence: the compiled decode step is built for batch 1 only
+    add_flags(parser, EngineArgs, defaults={"max_num_seqs": 1})
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)

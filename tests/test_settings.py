@@ -74,6 +74,27 @@ def test_flags_types_and_help_come_from_the_fields() -> None:
         assert line in " ".join(text.split()), line
 
 
+def test_a_command_can_change_a_default_and_its_help_says_so() -> None:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_flags(parser, Example, defaults={"count": 7, "size": 4096})
+    assert from_args(Example, parser.parse_args(["--name", "n"])) == Example(name="n", count=7, size=4096)
+    assert from_args(Example, parser.parse_args(["--name", "n", "--count", "2"])).count == 2
+    text = " ".join(parser.format_help().split())
+    assert "an optional int (default: 7)" in text and "bytes (default: 4096)" in text
+    with pytest.raises(TypeError, match="no field nope"):
+        add_flags(argparse.ArgumentParser(), Example, defaults={"nope": 1})
+
+
+def test_generate_runs_one_sequence_unless_told_otherwise() -> None:
+    from entrypoints import generate
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    generate.configure(parser)
+    assert from_args(EngineArgs, parser.parse_args(["--prompt", "p"])).max_num_seqs == 1
+    assert from_args(EngineArgs, parser.parse_args(["--prompt", "p", "--max-num-seqs", "4"])).max_num_seqs == 4
+    assert "most sequences running at once (default: 1)" in " ".join(parser.format_help().split())
+
+
 def test_overrides_go_over_a_json_file(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_flags(parser, Example, overrides=True)
