@@ -52,8 +52,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, overrides: bool = F
     for f in dataclasses.fields(cls):
         if not f.metadata.get("doc"):
             raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with setting()")
-        default = f.default if f.default_factory is MISSING else f.default_factory()
-        default = (defaults or {}).get(f.name, default)
+        default = (defaults or {}).get(f.name, _default(f))
         kw = _argument(f, _strip_none(hints[f.name]), f"{cls.__name__}.{f.name}")
         if overrides:
             kw["default"] = argparse.SUPPRESS
@@ -124,9 +123,12 @@ def _strip_none(kind: Any) -> Any:
     return kind
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default_factory is MISSING else f.default_factory()
+
+
 def _help(f: dataclasses.Field, default: Any) -> str:
-    own = f.default if f.default_factory is MISSING else f.default_factory()
-    shown = f.metadata["shown"] if default == own else None  # a command's own default is shown as it is
+    shown = f.metadata["shown"] if default == _default(f) else None  # a command's own default is shown as it is
     if shown is None and default is not MISSING and default is not None:
         shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
     text = f.metadata["doc"] + (f" (default: {shown})" if shown is not None else "")

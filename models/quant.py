@@ -10,6 +10,8 @@ weights (models/lm.py `pack`) stay the exact twins of the per-module ones the pr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -57,12 +59,19 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_linears(model: nn.Module, names: tuple[str, ...]) -> int:
-    """Replace every nn.Linear whose attribute name is in `names` by its Int8Linear; returns how many."""
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module],
+                    keep: Callable[[str, nn.Linear], bool]) -> int:
+    """Replace every bias-free nn.Linear for which keep(attribute name, linear) holds by make(linear); returns
+    how many (the weight formats of the engine: Int8Linear here, UpcastLinear in upcast.py)."""
     count = 0
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
-            if attr in names and type(child) is nn.Linear and child.bias is None:
-                setattr(parent, attr, Int8Linear.from_weight(child.weight))
+            if type(child) is nn.Linear and child.bias is None and keep(attr, child):
+                setattr(parent, attr, make(child))
                 count += 1
     return count
+
+
+def quantize_linears(model: nn.Module, names: tuple[str, ...]) -> int:
+    """Replace every nn.Linear whose attribute name is in `names` by its Int8Linear; returns how many."""
+    return replace_linears(model, lambda lin: Int8Linear.from_weight(lin.weight), lambda attr, _: attr in names)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quant import replace_linears
+
 NATIVE_ROWS = 3  # products of up to this many rows stay bf16 matrix-vector products (the decode of small batches)
 CHUNK_BYTES = 8 << 20  # the fp32 copy of one chunk of weight rows: small enough to stay in the CPU's cache
 
@@ -42,10 +44,4 @@ class UpcastLinear(nn.Module):
 
 def upcast_linears(model: nn.Module) -> int:
     """Replace every bias-free bf16 nn.Linear by an UpcastLinear holding its weight; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for attr, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16:
-                setattr(parent, attr, UpcastLinear(child.weight))
-                count += 1
-    return count
+    return replace_linears(model, lambda lin: UpcastLinear(lin.weight), lambda _, lin: lin.weight.dtype == torch.bfloat16)

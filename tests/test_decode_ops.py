@@ -86,7 +86,8 @@ def test_paged_decode_with_padding_row_equals_dense_decode(tmp_path, tokenizer_f
 
     extra = {"n_kv_heads": 2} if kind == "transformer" else {}
     path = make_checkpoint(tmp_path, tokenizer_file, kind, **extra)
-    engine = LLMEngine(EngineArgs(model=str(path), cache_memory=ENGINE["cache_memory"], block_size=2, max_num_batched_tokens=64, dtype=dtype,
+    engine = LLMEngine(EngineArgs(model=str(path), cache_memory=ENGINE["cache_memory"], block_size=2,
+                                  max_num_batched_tokens=64, dtype=dtype,
                                   enable_prefix_caching=False))  # one step prefills every prompt whole
     model = load_model(path)
     prompts = [[5, 9, 3, 7, 11, 2, 8], [4, 6], [13, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]]
