@@ -31,6 +31,22 @@ MAX_SPLITS = 128
 _LOG2E = 1.4426950408889634
 
 
+def _scores(q: Tensor, k: Tensor, fused: bool) -> Tensor:
+    """q [B, Hkv, G, D] . k [B, n, Hkv, D] -> [B, Hkv, G, n]. fused: as a broadcast product and a sum, which
+    Inductor compiles into one loop that gathers and casts the pool's entries as it reads them (the matrix
+    product of einsum needs them gathered into an fp32 copy first; eagerly the broadcast would be n x G x D)."""
+    if fused:
+        return (q[:, :, :, None, :] * k.permute(0, 2, 1, 3)[:, :, None]).sum(-1)
+    return torch.einsum("bkgd,bnkd->bkgn", q, k)
+
+
+def _weighted(p: Tensor, v: Tensor, fused: bool) -> Tensor:
+    """p [B, Hkv, G, n] . v [B, n, Hkv, D] -> [B, Hkv, G, D]; fused as in _scores."""
+    if fused:
+        return (p[..., None] * v.permute(0, 2, 1, 3)[:, :, None]).sum(-2)
+    return torch.einsum("bkgn,bnkd->bkgd", p, v)
+
+
 def decode_attention_ref(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     win_k: Tensor, win_v: Tensor, slots: Tensor, win_mask: Tensor, scale: float,
@@ -50,16 +66,16 @@ def decode_attention_ref(
     qg = cast(q, f32).view(B, Hkv, H // Hkv, D) * scale  # [B, Hkv, G, D]
     kb = cast(k_cache[block_tables].flatten(1, 2), f32)  # [B, n, Hkv, D]
     vb = cast(v_cache[block_tables].flatten(1, 2), f32)
-    scores = torch.einsum("bkgd,bnkd->bkgn", qg, kb)
+    fused = torch.compiler.is_compiling()
+    scores = _scores(qg, kb, fused)
     scores = scores.masked_fill((torch.arange(kb.shape[1], device=q.device) >= context_lens[:, None])[:, None, None], float("-inf"))
     if win_k.shape[1]:  # the ring joins the same softmax; its scores, not its keys, are concatenated
         kw, vw = cast(win_k[slots], f32), cast(win_v[slots], f32)  # [B, W, Hkv, D]
-        sw = torch.einsum("bkgd,bwkd->bkgw", qg, kw).masked_fill(~win_mask[:, None, None, :], float("-inf"))
+        sw = _scores(qg, kw, fused).masked_fill(~win_mask[:, None, None, :], float("-inf"))
         probs = torch.softmax(torch.cat([scores, sw], -1), -1)
-        out = torch.einsum("bkgn,bnkd->bkgd", probs[..., : kb.shape[1]], vb)
-        out = out + torch.einsum("bkgw,bwkd->bkgd", probs[..., kb.shape[1] :], vw)
+        out = _weighted(probs[..., : kb.shape[1]], vb, fused) + _weighted(probs[..., kb.shape[1] :], vw, fused)
     else:
-        out = torch.einsum("bkgn,bnkd->bkgd", torch.softmax(scores, -1), vb)
+        out = _weighted(torch.softmax(scores, -1), vb, fused)
     return cast(out.reshape(B, H, D), q.dtype)
 
 

@@ -160,6 +160,16 @@ def test_decode_attention(monkeypatch, dtype: torch.dtype, H: int, Hkv: int, D: 
     assert not got[inp["slots"] < 0].any()
 
 
+def test_fused_products_equal_einsum() -> None:
+    """The compiled step's broadcast-and-sum products (kernels/decode_attention.py) are einsum's."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 11, 3, 16, generator=g)
+    p = torch.randn(2, 3, 4, 11, generator=g)
+    torch.testing.assert_close(attn_mod._scores(q, k, True), attn_mod._scores(q, k, False))
+    torch.testing.assert_close(attn_mod._weighted(p, k, True), attn_mod._weighted(p, k, False))
+    assert attn_mod._scores(q, k, True).shape == (2, 3, 4, 11) and attn_mod._weighted(p, k, True).shape == q.shape
+
+
 def test_wrappers_check_shapes() -> None:
     inp = attn_inputs(2, 4, 2, 8, 4, 3, 9, torch.float32, seed=0)
     with pytest.raises(ValueError, match="group"):
