@@ -42,3 +42,12 @@ def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile
         for (want_ids, want_lp), (got_ids, got_lp) in zip(want, got):
             assert got_ids == want_ids
             torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=1e-4)
+
+
+def test_a_layer_unlike_the_first_is_refused(tiny_ckpt, compile_on) -> None:
+    """Each size's graph is checked against every layer once, at start-up (its guards are off after)."""
+    r = LLM(tiny_ckpt, enforce_eager=True, **ENGINE, max_num_seqs=1).engine.runner
+    norm = r.model.blocks[1].ffn_norm
+    norm.weight = torch.nn.Parameter(norm.weight.double())
+    with pytest.raises(RuntimeError, match="layer 1 differs from layer 0"):
+        CompiledDecode(r.model, r.caches, r._metadata([]), (1,))
