@@ -56,17 +56,17 @@ class CompiledDecode:
             t0 = time.perf_counter()
             meta = pad_decode_metadata(template, size, MIN_WIDTH)
             tokens = torch.zeros(size, dtype=torch.long, device=template.positions.device)
-            self.blocks[size] = self._compile(meta, model.embed(tokens)) if compiling else list(model.blocks)
+            self.blocks[size] = self._compile(tokens, meta) if compiling else list(model.blocks)
             self._run(tokens, meta)  # padding rows only
             self.compile_s[size] = time.perf_counter() - t0
             if compiling:
                 log.info("compiled the decode step for batch %d in %.1f s", size, self.compile_s[size])
 
     @torch.no_grad()
-    def _compile(self, meta: DecodeMetadata, x: Tensor) -> list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]]:
+    def _compile(self, tokens: Tensor, meta: DecodeMetadata) -> list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]]:
         """One graph for every layer at this batch size, each layer's call bound to its weights."""
         torch._dynamo.mark_dynamic(meta.block_tables, 1)
-        blocks, caches = self.model.blocks, self.caches
+        blocks, caches, x = self.model.blocks, self.caches, self.model.embed(tokens)
         step = torch.compile(_block_step, fullgraph=True, dynamic=False).aot_compile(
             ((blocks[0], x, meta.layer(0), caches[0]), {}))
         for l, (block, cache) in enumerate(zip(blocks, caches)):
