@@ -132,6 +132,40 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
     return result
 
 
+def _label(stack: str) -> str:
+    """A stack's short name: ours_student_bfloat16_none_compiled -> student bfloat16."""
+    return stack.removeprefix("ours_").replace("_none", "").replace("_compiled", "").replace("_", " ")
+
+
+def plot_cpu(result: dict, path: Path) -> None:
+    """Decode tokens/s against context, one panel per batch size, a line per stack; prefill tokens/s as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    rows = result["decode_tokens_per_s"]
+    batches = sorted({r["batch"] for r in rows})
+    stacks = [k for k in result["stacks"] if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2))
+    for ax, b in zip(axes, batches):
+        cells = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["context"])
+        for name in stacks:
+            style = "--" if name.startswith(("llamacpp", "hf")) else "-"
+            ax.plot([r["context"] for r in cells], [r.get(name) for r in cells], style, marker="o", label=_label(name))
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (whole batch)", title=f"batch {b}")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([r["context"] for r in cells], [f"{r['context'] // 1024}k" for r in cells])
+    prefill = {k: v["prefill_tokens_per_s"] for k, v in result["stacks"].items() if "prefill_tokens_per_s" in v}
+    axes[-1].barh([_label(k) for k in prefill], list(prefill.values()))
+    axes[-1].set(xlabel=f"prefill tokens/s ({result['prefill_tokens']}-token prompt)", title="prefill")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"CPU decode, {result['machine']['threads']} threads, {result['machine']['cpu']} (one run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def configure(parser: argparse.ArgumentParser, ints) -> None:
     parser.add_argument("--student", type=Path, default=Path("checkpoints/attamba-smollm2-p8"),
                         help="the Attamba student checkpoint (default: %(default)s)")
@@ -149,7 +183,9 @@ def configure(parser: argparse.ArgumentParser, ints) -> None:
                         help="where `make llama-bench` put llama-bench, llama-batched-bench and llama-quantize")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for bench-cpu.json")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="directory for bench-cpu.json and its plot, bench-cpu.png")
+    parser.add_argument("--no-plot", action="store_true", help="write no bench-cpu.png")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,5 +205,7 @@ def run(args: argparse.Namespace) -> int:
                        modes, tools, not args.skip_hf)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_plot:
+        plot_cpu(result, args.out / "bench-cpu.png")
     print(json.dumps(result, indent=2))
     return 0
