@@ -11,6 +11,8 @@ training/long_eval.py (perplexity of positions 2k-4k, pass-key recall at 500/1k/
 
 Rows already in --out (same evaluation settings; for a student, the same training log) are kept, so a
 report can be refreshed as students train; a run without an exported student yet has only its control rows.
+A student trained further is measured again and its previous row stays, named after its stage-2 steps:
+--progress-plot draws every export against the steps it had seen.
 """
 from __future__ import annotations
 
@@ -98,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passkey-trials", type=int, default=0, help="pass-key trials per filler length (0: off)")
     parser.add_argument("--chat", action="store_true", help="score the chat set (training/chat_eval.json)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--plot", type=Path, help="perplexity against cache bytes, a marker per row")
+    parser.add_argument("--progress-plot", type=Path,
+                        help="each student's exports (this one and the earlier rows) against its stage-2 steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher_dir = resolve_model(args.teacher)
@@ -114,9 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         if all(old.get(k) == v for k, v in report.items() if k != "rows"):
             kept = {r["name"]: r for r in old["rows"]}
 
+    earlier = [r for r in kept.values() if r.get("earlier_export")]  # rows of a student's earlier exports stay
+
     def add(name: str, build, **extra) -> None:
         row = kept.get(name)
-        if row is None or row.get("trained") != extra.get("trained"):  # a student trained further is measured again
+        if row is not None and row.get("trained") != extra.get("trained"):  # a student trained further: measured
+            earlier.append({**row, "name": f"{name} after {row['trained']['stage2_steps']} stage-2 steps",
+                            "earlier_export": True})  # again, its previous row kept under a name of its own
+            row = None
+        if row is None:
             row = measure(name, build(), tokenizer, text, args, **extra)
         report["rows"].append(row)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -137,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         add(f"sliding W={w} (= P={uc.chunk_size} L={uc.window} cache)",
             lambda: with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w)),
             P=uc.chunk_size, window=w)
+    report["rows"] += sorted(earlier, key=lambda r: r["trained"]["stage2_steps"])
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(report, args.plot)
+    if args.progress_plot:
+        plot_progress(report, args.progress_plot)
     return 0
 
 
@@ -175,6 +189,44 @@ def plot(report: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+
+def plot_progress(report: dict, path: Path) -> None:
+    """Perplexity, pass-key recall and the chat set against stage-2 steps, one line per student (its exports),
+    the teacher and the untrained controls as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    students: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        if r.get("trained"):
+            students.setdefault(r["name"].split(" after ")[0], []).append(r)
+    controls = [r for r in report["rows"] if not r.get("trained")]
+    panels = [("WikiText-2 test token perplexity", lambda r: r["token_ppl"])]
+    if report.get("passkey_trials"):
+        k = PASSKEY_FILLER.index(1000)
+        panels.append((f"pass key from 1k tokens back (of {report['passkey_trials']})",
+                       lambda r: r["passkey"][k]["recovered"] if "passkey" in r else None))
+    if report.get("chat"):
+        panels.append(("chat set answered", lambda r: r["chat"]["correct"] if "chat" in r else None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (label, value) in zip(axes[0], panels):
+        for name, rows in students.items():
+            rows = sorted(rows, key=lambda r: r["trained"]["stage2_steps"])
+            ax.plot([r["trained"]["stage2_steps"] for r in rows], [value(r) for r in rows], marker="o", label=name)
+        for i, r in enumerate(controls):
+            if value(r) is not None:
+                ax.axhline(value(r), ls="--", color=f"C{i + len(students)}", label=r["name"])
+        ax.set(xlabel="stage-2 steps", title=label)
+        if ax is not axes[0][0]:
+            ax.set_ylim(bottom=0)  # counts
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
