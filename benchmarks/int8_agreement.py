@@ -1,0 +1,59 @@
+"""int8 weight-only against bf16 on the chat set (issue 21, item 2): greedy replies of one checkpoint in both
+weight formats, as the engine builds them on a CPU (bf16: models/upcast.py; int8: models/quant.py), through its
+chat template, on the reference decoding path. Prints JSON: correct answers per format, identical replies, and
+the mean number of tokens before two replies first differ.
+
+    python -m benchmarks.int8_agreement --model checkpoints/attamba-smollm2-p8-l64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from models.loading import load_model
+from models.quant import INT8_LINEARS, quantize_linears
+from models.registry import resolve_model
+from models.tokenizer import Tokenizer
+from models.upcast import upcast_linears
+from server.chat import load_chat_template
+from training.long_eval import greedy_batch, load_chat_set
+
+FORMATS = {"bf16": upcast_linears, "int8": lambda model: quantize_linears(model, INT8_LINEARS)}
+
+
+def replies(path, fmt: str, items: list[dict], tokenizer: Tokenizer, max_tokens: int) -> list[list[int]]:
+    """Greedy reply ids (cut at the template's first stop token) to each chat-set question."""
+    model = load_model(path, "cpu", torch.bfloat16)
+    FORMATS[fmt](model)
+    chat = load_chat_template(model.config, tokenizer)
+    prompts = [tokenizer.encode(chat.render([("user", it["question"])])) for it in items]
+    stops = set(chat.stop_token_ids)
+    return [r[: next((i for i, t in enumerate(r) if t in stops), len(r))]
+            for r in greedy_batch(model, prompts, max_tokens, batch_size=12)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a checkpoint directory or a named model")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    items = load_chat_set()
+    out = {fmt: replies(path, fmt, items, tokenizer, args.max_tokens) for fmt in FORMATS}
+    correct = {fmt: sum(any(a.lower() in tokenizer.decode(r).lower() for a in it["answers"])
+                        for it, r in zip(items, rs)) for fmt, rs in out.items()}
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                  for a, b in zip(out["bf16"], out["int8"])]
+    print(json.dumps({"model": args.model, "questions": len(items), "correct": correct,
+                      "identical_replies": sum(a == b for a, b in zip(out["bf16"], out["int8"])),
+                      "mean_tokens_before_first_difference": round(sum(first_diff) / len(first_diff), 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
