@@ -18,7 +18,7 @@ from models.registry import resolve_model
 from models.tokenizer import Tokenizer
 from models.upcast import upcast_linears
 from server.chat import load_chat_template
-from training.long_eval import greedy_batch, load_chat_set
+from training.long_eval import answered, chat_replies, load_chat_set
 
 FORMATS = {"bf16": upcast_linears, "int8": lambda model: quantize_linears(model, INT8_LINEARS)}
 
@@ -28,10 +28,7 @@ def replies(path, fmt: str, items: list[dict], tokenizer: Tokenizer, max_tokens:
     model = load_model(path, "cpu", torch.bfloat16)
     FORMATS[fmt](model)
     chat = load_chat_template(model.config, tokenizer)
-    prompts = [tokenizer.encode(chat.render([("user", it["question"])])) for it in items]
-    stops = set(chat.stop_token_ids)
-    return [r[: next((i for i, t in enumerate(r) if t in stops), len(r))]
-            for r in greedy_batch(model, prompts, max_tokens, batch_size=12)]
+    return chat_replies(model, tokenizer, chat.render, items, max_tokens, tuple(chat.stop_token_ids))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     items = load_chat_set()
     out = {fmt: replies(path, fmt, items, tokenizer, args.max_tokens) for fmt in FORMATS}
-    correct = {fmt: sum(any(a.lower() in tokenizer.decode(r).lower() for a in it["answers"])
-                        for it, r in zip(items, rs)) for fmt, rs in out.items()}
+    correct = {fmt: sum(answered(it, tokenizer.decode(r)) for it, r in zip(items, rs)) for fmt, rs in out.items()}
     first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                   for a, b in zip(out["bf16"], out["int8"])]
     print(json.dumps({"model": args.model, "questions": len(items), "correct": correct,

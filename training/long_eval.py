@@ -97,16 +97,24 @@ def load_chat_set(path: Path = CHAT_SET) -> list[dict]:
     return items
 
 
+def chat_replies(model: LM, tokenizer: Tokenizer, render, items: list[dict], max_tokens: int = 48,
+                 stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+    """Greedy reply ids to each question through `render` (messages -> prompt text), cut at the first stop id."""
+    prompts = [tokenizer.encode(render([("user", it["question"])])) for it in items]
+    return [r[: next((i for i, t in enumerate(r) if t in stop_ids), len(r))]
+            for r in greedy_batch(model, prompts, max_tokens)]
+
+
+def answered(item: dict, reply: str) -> bool:
+    """Whether a reply contains one of the item's accepted answers, case-insensitively."""
+    return any(a.lower() in reply.lower() for a in item["answers"])
+
+
 def chat_accuracy(model: LM, tokenizer: Tokenizer, render, items: list[dict], max_tokens: int = 48,
                   stop_ids: tuple[int, ...] = ()) -> dict:
-    """Greedy replies to each question through `render` (messages -> prompt text); right when a reply
-    (cut at the first stop id) contains an accepted answer, case-insensitively."""
-    prompts = [tokenizer.encode(render([("user", it["question"])])) for it in items]
-    replies = []
-    for r in greedy_batch(model, prompts, max_tokens):
-        cut = next((i for i, t in enumerate(r) if t in stop_ids), len(r))
-        replies.append(tokenizer.decode(r[:cut]).strip())
-    right = [any(a.lower() in rep.lower() for a in it["answers"]) for it, rep in zip(items, replies)]
+    """The chat set's greedy replies (chat_replies), each right when `answered`."""
+    replies = [tokenizer.decode(r).strip() for r in chat_replies(model, tokenizer, render, items, max_tokens, stop_ids)]
+    right = [answered(it, rep) for it, rep in zip(items, replies)]
     return {"questions": len(items), "correct": sum(right), "fraction": sum(right) / len(items),
             "replies": [{"question": it["question"], "reply": rep, "correct": ok}
                         for it, rep, ok in zip(items, replies, right)]}

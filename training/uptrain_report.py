@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         row = kept.get(name)
         if row is not None and row.get("trained") != extra.get("trained"):  # a student trained further: measured
             earlier.append({**row, "name": f"{name} after {row['trained']['stage2_steps']} stage-2 steps",
-                            "earlier_export": True})  # again, its previous row kept under a name of its own
+                            "earlier_export": True, "export_of": name})  # again, its previous row kept
             row = None
         if row is None:
             row = measure(name, build(), tokenizer, text, args, **extra)
@@ -191,7 +191,6 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-
 def plot_progress(report: dict, path: Path) -> None:
     """Perplexity, pass-key recall and the chat set against stage-2 steps, one line per student (its exports),
     the teacher and the untrained controls as horizontal lines."""
@@ -203,7 +202,7 @@ def plot_progress(report: dict, path: Path) -> None:
     students: dict[str, list[dict]] = {}
     for r in report["rows"]:
         if r.get("trained"):
-            students.setdefault(r["name"].split(" after ")[0], []).append(r)
+            students.setdefault(r.get("export_of", r["name"]), []).append(r)
     controls = [r for r in report["rows"] if not r.get("trained")]
     panels = [("WikiText-2 test token perplexity", lambda r: r["token_ppl"])]
     if report.get("passkey_trials"):
