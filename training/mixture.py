@@ -6,7 +6,9 @@ batch together:
   chat    "Tell me about X"-style questions answered by X's Wikipedia lead, rendered with the
           teacher's chat template and packed back to back (weight 1)
   recall  corpus filler with 1-4 facts ("Mara's locker number is 48213.") stated once at random
-          depths, then a question about each at the end; the answer's tokens weigh `recall_weight`,
+          depths, then a question about each at the end, either as "Question: ...\nAnswer:" or as the
+          question followed by the start of its answer ("What is Mara's locker number? Mara's locker
+          number is"), where a plain continuation competes with recall; the answer's tokens weigh `recall_weight`,
           so distillation from the teacher, which reads the fact back through full attention,
           teaches the chunk summaries to keep it. The templates, names and filler here are never
           those of the pass-key evaluation (training/long_eval.py), which stays unseen.
@@ -28,9 +30,11 @@ QUESTIONS = ("Tell me about {}.", "What do you know about {}?", "Give me a short
 NAMES = ("Mara", "Tobias", "Ingrid", "Kofi", "Lena", "Ravi", "Odile", "Hugo", "Sana", "Petra", "Dmitri", "Yuki",
          "Amara", "Felix", "Noor", "Bruno")
 THINGS = ("locker", "room", "badge", "account", "ticket", "order", "parcel", "seat")
-FACTS = (("{n}'s {t} number is {v}.", "What is {n}'s {t} number?"),
-         ("Note that the {t} number of {n} is {v}.", "What is the {t} number of {n}?"),
-         ("For the record, {n} was given {t} number {v}.", "Which {t} number was {n} given?"))
+# (fact, question, the start of the answer that the value completes)
+FACTS = (("{n}'s {t} number is {v}.", "What is {n}'s {t} number?", "{n}'s {t} number is"),
+         ("Note that the {t} number of {n} is {v}.", "What is the {t} number of {n}?", "The {t} number of {n} is"),
+         ("For the record, {n} was given {t} number {v}.", "Which {t} number was {n} given?",
+          "{n} was given {t} number"))
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,12 @@ class Mixture:
                 continue
             used.add(who)
             value = str(self._int(10 ** (3 + self._int(5))))  # 1 to 7 digits
-            fact, question = FACTS[self._int(len(FACTS))]
+            fact, question, stem = FACTS[self._int(len(FACTS))]
             names = dict(n=NAMES[who[0]], t=THINGS[who[1]], v=value)
             facts.append(self.tok.encode(" " + fact.format(**names) + " "))
-            qa.append((self.tok.encode(f"\nQuestion: {question.format(**names)}\nAnswer:"),
-                       self.tok.encode(f" {value}")))
+            ask = (f"\nQuestion: {question.format(**names)}\nAnswer:" if self._int(2) else
+                   f"\n{question.format(**names)} {stem.format(**names)}")
+            qa.append((self.tok.encode(ask), self.tok.encode(f" {value}")))
         order = torch.randperm(len(qa), generator=self.gen).tolist()
         tail: list[int] = []
         answer_at: list[tuple[int, int]] = []  # (start, length) of each answer within the tail
