@@ -22,3 +22,28 @@ def test_progress_plot_draws_a_students_exports_and_the_controls(tmp_path: Path)
              export_of="attamba P=8 L=64")]}
     plot_progress(report, tmp_path / "progress.png")
     assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_path: Path, tokenizer_file: Path,
+                                                                          monkeypatch) -> None:
+    import json
+
+    import training.passkey_report as report
+    from models.config import ModelConfig
+    from training.uptrain_report import equal_cache_window
+
+    from conftest import make_checkpoint
+
+    teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", max_seq_len=256)
+    student = make_checkpoint(tmp_path, tokenizer_file, "attamba", max_seq_len=256)
+    asked = []
+    real = report.passkey
+    monkeypatch.setattr(report, "passkey", lambda model, *a: asked.append(a) or real(model, *a))
+    out = tmp_path / "pk.json"
+    assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--trials", "3",
+                        "--seq-len", "64", "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    w = equal_cache_window(ModelConfig.load(teacher), ModelConfig.load(student), 64)
+    assert [r["name"] for r in rows] == ["teacher", "attamba", f"sliding W={w}"]
+    assert all(r["trials"] == 3 and 0 <= r["recovered"] <= 3 for r in rows)
+    assert len(set(asked)) == 1  # one filler length, trial count and seed for all three
