@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", type=Path, required=True, help="an Attamba checkpoint (a delta over the teacher)")
     parser.add_argument("--filler", type=int, default=1000, help="filler tokens around the key")
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seq-len", type=int, default=1024, help="the length at which the window's cache equals the student's")
+    parser.add_argument("--seq-len", type=int, default=1024,
+                        help="the length at which the window's cache equals the student's")
     parser.add_argument("--seed", type=int, default=1, help="prompt seed (the 6-trial report uses 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {
         "teacher": lambda: teacher,
         args.student.name: lambda: load_model(args.student).eval(),
-        f"sliding W={w}": lambda: with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w)),
+        f"sliding W={w}": lambda: with_teacher_weights(teacher,
+                                                       teacher.config.replace(kind="sliding", sliding_window=w)),
     }
     report = {"teacher": args.teacher, "student": str(args.student), "filler_tokens": args.filler,
               "trials": args.trials, "seed": args.seed, "rows": []}
