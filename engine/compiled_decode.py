@@ -35,7 +35,8 @@ from .cuda_graphs import padded_size
 log = logging.getLogger("attamba.engine")
 
 MIN_WIDTH = 2  # block tables are at least this wide: dynamo specialises a dynamic size of 0 or 1
-# Inductor options for the decode graph (each measured faster at 1k and 8k context, in one process):
+# Inductor options for the decode graph (in one process against the defaults: 8k x 1 ~6-11 % faster, 1k within
+# the noise; docs/cpu.md):
 # its Python wrapper's size and scalar checks (~27 a layer call) and the bounds checks of indirect loads
 # (block tables and slots are valid by construction: -1 entries land in the pools' sinks) go; and a
 # pointwise value read more than 3 times is computed once into a buffer, so the RoPE'd query is not

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if not (args.student / "config.json").is_file():
+        parser.error(f"not a checkpoint directory: {args.student}")
     torch.set_num_threads(args.threads)
     teacher_dir = resolve_model(args.teacher)
     teacher = load_model(teacher_dir).eval()
