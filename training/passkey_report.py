@@ -23,7 +23,7 @@ from models.registry import resolve_model
 from models.tokenizer import Tokenizer
 
 from .long_eval import passkey
-from .uptrain_report import equal_cache_window, with_teacher_weights
+from .uptrain_report import equal_cache_window, sliding_control
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {
         "teacher": lambda: teacher,
         args.student.name: lambda: load_model(args.student).eval(),
-        f"sliding W={w}": lambda: with_teacher_weights(teacher,
-                                                       teacher.config.replace(kind="sliding", sliding_window=w)),
+        f"sliding W={w}": lambda: sliding_control(teacher, w),
     }
     report = {"teacher": args.teacher, "student": str(args.student), "filler_tokens": args.filler,
               "trials": args.trials, "seed": args.seed, "rows": []}

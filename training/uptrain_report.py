@@ -59,9 +59,9 @@ def equal_cache_window(teacher: ModelConfig, student: ModelConfig, n: int) -> in
     return w
 
 
-def with_teacher_weights(teacher: LM, cfg: ModelConfig) -> LM:
-    """A model of config cfg holding the teacher's weights (the kinds without SSMs)."""
-    model = LM(cfg)
+def sliding_control(teacher: LM, window: int) -> LM:
+    """The teacher's weights with a sliding window of `window` tokens (the equal-cache control)."""
+    model = LM(teacher.config.replace(kind="sliding", sliding_window=window))
     model.load_state_dict(teacher.state_dict())
     model.tie_weights()
     return model.eval()
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         add(f"zero-SSM P={uc.chunk_size} L={uc.window}", lambda: build_student(teacher, cfg, uc.seed).eval(), P=uc.chunk_size)
         w = equal_cache_window(teacher.config, cfg, args.seq_len)
         add(f"sliding W={w} (= P={uc.chunk_size} L={uc.window} cache)",
-            lambda: with_teacher_weights(teacher, teacher.config.replace(kind="sliding", sliding_window=w)),
+            lambda: sliding_control(teacher, w),
             P=uc.chunk_size, window=w)
     report["rows"] += sorted(earlier, key=lambda r: r["trained"]["stage2_steps"])
     args.out.write_text(json.dumps(report, indent=2) + "\n")
