@@ -16,7 +16,7 @@ from server.chat import ChatTemplate
 from tests.conftest import SAMPLE, make_checkpoint
 from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts
 from training.lora import LoRALinear, add_lora, lora_factors, parse_targets
-from training.mixture import Mixture, MixtureConfig
+from training.mixture import DRILL, Mixture, MixtureConfig
 from training.uptrain import distillation_loss, is_ssm, is_trainable
 
 
@@ -76,11 +76,11 @@ def _mixture(tokenizer_file: Path, **kw) -> tuple[Mixture, Tokenizer]:
 
 
 def test_recall_rows_weigh_exactly_their_answers(tokenizer_file) -> None:
-    mix, tok = _mixture(tokenizer_file)
-    styles = set()
-    for _ in range(12):
+    mix, tok = _mixture(tokenizer_file, seq_len=192)
+    styles, fillers = set(), set()
+    for _ in range(16):
         ids, weights = mix.recall()
-        assert len(ids) == 97 and len(weights) == 96
+        assert len(ids) == 193 and len(weights) == 192
         assert set(weights) <= {1.0, 5.0}
         spans, j = [], 0  # runs of weighted predictions: each is one answer
         while j < len(weights):
@@ -95,6 +95,10 @@ def test_recall_rows_weigh_exactly_their_answers(tokenizer_file) -> None:
         if not spans:  # a draw with no room for the task falls back to plain text
             continue
         first_question = tok.decode(ids[: spans[0][0]]).rindex("\n")
+        drill = [d for d in DRILL if d in tok.decode(ids[: spans[0][0]])[:first_question]]
+        fillers.add("drill" if drill else "corpus")
+        if drill:  # repeated: the same sentence occurs more than once
+            assert max(tok.decode(ids).count(d) for d in drill) > 1
         for a, b in spans:
             value, before = tok.decode(ids[a:b]).strip(), tok.decode(ids[:a])
             assert value.isdigit()
@@ -102,6 +106,7 @@ def test_recall_rows_weigh_exactly_their_answers(tokenizer_file) -> None:
             styles.add("Answer:" if before.endswith("Answer:") else "stem")
             assert before.endswith(("Answer:", " is", " number"))
     assert styles == {"Answer:", "stem"}  # both ways of asking occur
+    assert fillers == {"drill", "corpus"}
 
 
 def test_mixture_batches_are_reproducible_and_mix_kinds(tokenizer_file) -> None:

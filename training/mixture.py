@@ -5,10 +5,12 @@ batch together:
   text    a random window of the corpus (weight 1 everywhere)
   chat    "Tell me about X"-style questions answered by X's Wikipedia lead, rendered with the
           teacher's chat template and packed back to back (weight 1)
-  recall  corpus filler with 1-4 facts ("Mara's locker number is 48213.") stated once at random
-          depths, then a question about each at the end, either as "Question: ...\nAnswer:" or as the
+  recall  filler with 1-4 facts ("Mara's locker number is 48213.") stated once at random depths,
+          then a question about each at the end, either as "Question: ...\nAnswer:" or as the
           question followed by the start of its answer ("What is Mara's locker number? Mara's locker
-          number is"), where a plain continuation competes with recall; the answer's tokens weigh `recall_weight`,
+          number is"), where a plain continuation competes with recall. Half the rows' filler is corpus text,
+          half a few short plain sentences repeated ("drill" filler, where the window sees nothing but
+          repetition and only the chunk summaries can hold the fact); the answer's tokens weigh `recall_weight`,
           so distillation from the teacher, which reads the fact back through full attention,
           teaches the chunk summaries to keep it. The templates, names and filler here are never
           those of the pass-key evaluation (training/long_eval.py), which stays unseen.
@@ -34,7 +36,12 @@ THINGS = ("locker", "room", "badge", "account", "ticket", "order", "parcel", "se
 FACTS = (("{n}'s {t} number is {v}.", "What is {n}'s {t} number?", "{n}'s {t} number is"),
          ("Note that the {t} number of {n} is {v}.", "What is the {t} number of {n}?", "The {t} number of {n} is"),
          ("For the record, {n} was given {t} number {v}.", "Which {t} number was {n} given?",
-          "{n} was given {t} number"))
+          "{n} was given {t} number"),
+         ("{n}'s {t} number is {v}. Keep it in mind. {v} is {n}'s {t} number.", "What is {n}'s {t} number?",
+          "{n}'s {t} number is"))
+DRILL = ("The river runs to the sea.", "Birds sing in the morning.", "The road is long and quiet.",
+         "A cat sleeps by the door.", "Bread is baked at dawn.", "The hills are far away.", "Rain falls on the roof.",
+         "The lamp is on.", "We walk and we rest.", "Snow covers the field.")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,12 @@ class Mixture:
     def _window(self, n: int) -> list[int]:
         start = self._int(self.ids.numel() - n)
         return self.ids[start : start + n].tolist()
+
+    def _drill(self, n: int) -> list[int]:
+        """n tokens of 2-5 DRILL sentences repeated."""
+        picks = torch.randperm(len(DRILL), generator=self.gen)[: 2 + self._int(4)].tolist()
+        unit = self.tok.encode(" " + " ".join(DRILL[i] for i in picks))
+        return (unit * (n // len(unit) + 1))[:n]
 
     def text(self) -> tuple[list[int], list[float]]:
         n = self.cfg.seq_len + 1
@@ -106,7 +119,7 @@ class Mixture:
         n_filler = n_total - len(tail) - sum(map(len, facts))
         if n_filler < len(facts):
             return self.text()  # a very short seq_len leaves no room for the task
-        filler = self._window(n_filler)
+        filler = self._window(n_filler) if self._int(2) else self._drill(n_filler)
         cuts = sorted(self._int(int(n_filler * 0.9) + 1) for _ in facts)  # facts in the first 90 %
         ids: list[int] = []
         prev = 0
