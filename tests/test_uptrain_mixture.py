@@ -155,11 +155,12 @@ def test_greedy_batch_equals_one_prompt_at_a_time(tokenizer_file) -> None:
 def test_passkey_prompts_state_the_key_once(tokenizer_file) -> None:
     tok = Tokenizer.from_file(tokenizer_file)
     cases = passkey_prompts(tok, 120, 5, seed=1)
-    assert len({len(p) for p, _ in cases}) <= 2  # same filler length; keys may tokenize differently
-    for prompt, key in cases:
+    assert len({len(p) for p, _, _ in cases}) <= 2  # same filler length; keys may tokenize differently
+    for prompt, key, back in cases:
         text = tok.decode(prompt)
         assert len(key) == 5 and text.count(key) == 2  # "The pass key is K. ... K is the pass key."
         assert text.endswith("The pass key is")
+        assert tok.decode(prompt[-back:]).startswith(" The pass key is " + key)  # back: where the key sentence starts
     assert cases == passkey_prompts(tok, 120, 5, seed=1)
 
 

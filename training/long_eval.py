@@ -66,8 +66,9 @@ def long_ppl(model: LM, ids: torch.Tensor, length: int, start: int, windows: int
     return {"ppl": float(torch.tensor(nll / count).exp()), "tokens": count, "length": length, "start": start}
 
 
-def passkey_prompts(tokenizer: Tokenizer, n_filler: int, trials: int, seed: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, key) per trial: n_filler tokens of filler with the key sentence at a uniform random depth."""
+def passkey_prompts(tokenizer: Tokenizer, n_filler: int, trials: int, seed: int) -> list[tuple[list[int], str, int]]:
+    """(prompt ids, key, back) per trial: n_filler tokens of filler with the key sentence at a uniform random
+    depth; back counts the tokens from the key sentence's start to the prompt's end."""
     rng = random.Random(seed)
     unit = tokenizer.encode(PASSKEY_FILLER)
     filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
@@ -77,16 +78,18 @@ def passkey_prompts(tokenizer: Tokenizer, n_filler: int, trials: int, seed: int)
         key = str(rng.randint(10000, 99999))
         depth = rng.randint(0, n_filler)
         fact = tokenizer.encode(PASSKEY_FACT.format(key=key))
-        out.append((intro + filler[:depth] + fact + filler[depth:] + question, key))
+        ids = intro + filler[:depth] + fact + filler[depth:] + question
+        out.append((ids, key, len(ids) - len(intro) - depth))
     return out
 
 
 def passkey(model: LM, tokenizer: Tokenizer, n_filler: int, trials: int, seed: int = 0) -> dict:
-    """Fraction of trials whose 8 greedy tokens contain the key."""
+    """Fraction of trials whose 8 greedy tokens contain the key; per trial how far back the key was and the reply."""
     cases = passkey_prompts(tokenizer, n_filler, trials, seed)
-    replies = greedy_batch(model, [p for p, _ in cases], 8)
-    hits = [key in tokenizer.decode(r) for (_, key), r in zip(cases, replies)]
-    return {"filler_tokens": n_filler, "trials": trials, "recovered": sum(hits), "fraction": sum(hits) / trials}
+    replies = [tokenizer.decode(r) for r in greedy_batch(model, [p for p, _, _ in cases], 8)]
+    hits = [key in r for (_, key, _), r in zip(cases, replies)]
+    return {"filler_tokens": n_filler, "trials": trials, "recovered": sum(hits), "fraction": sum(hits) / trials,
+            "cases": [{"back": back, "recovered": hit, "reply": r} for (_, _, back), hit, r in zip(cases, hits, replies)]}
 
 
 def load_chat_set(path: Path = CHAT_SET) -> list[dict]:
