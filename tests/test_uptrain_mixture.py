@@ -206,6 +206,9 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
     log = [json.loads(ln) for ln in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in log] == [(1, 1), (2, 1), (2, 2), (2, 3)]
     load_model(tmp_path / "whole")  # the delta with its adapters loads as a plain attamba model
+    # a resumed run may change its data mixture, not its model
+    assert uptrain("parts", "--stage2-steps", "4", "--recall-frac", "0.5", "--resume", "auto") == 0
+    assert uptrain("parts", "--stage2-steps", "5", "--window", "3", "--resume", "auto") != 0
     # a run started from it (init_from, no stage 1) starts with its SSMs and its adapters
     assert uptrain("next", "--init-from", str(tmp_path / "whole"), "--stage1-steps", "0", "--stage2-steps", "0") == 0
     nxt = load_file(str(tmp_path / "next" / "model.safetensors"))

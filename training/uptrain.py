@@ -51,7 +51,9 @@ from .mixture import Mixture, MixtureConfig
 from .run_flags import RunFlags
 
 STAGES = (1, 2)
-RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from")  # a resumed run may change these
+# a resumed run may change these: the schedule's length, the machine's side, and the stage-2 data mixture
+RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from", "chat_frac", "recall_frac",
+                 "recall_weight")
 
 
 @dataclass(frozen=True)
