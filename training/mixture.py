@@ -5,8 +5,8 @@ batch together:
   text    a random window of the corpus (weight 1 everywhere)
   chat    "Tell me about X"-style questions answered by X's Wikipedia lead, rendered with the
           teacher's chat template and packed back to back (weight 1)
-  recall  filler with 1-4 facts ("Mara's locker number is 48213.") stated once at random depths,
-          then a question about each at the end, either as "Question: ...\nAnswer:" or as the
+  recall  filler with 1-4 facts ("Mara's locker number is 48213."; one form restates the value) at
+          random depths, then a question about each at the end, either as "Question: ...\nAnswer:" or as the
           question followed by the start of its answer ("What is Mara's locker number? Mara's locker
           number is"), where a plain continuation competes with recall. Half the rows' filler is corpus text,
           half a few short plain sentences repeated ("drill" filler, where the window sees nothing but
