@@ -184,7 +184,7 @@ def plot(report: dict, path: Path) -> None:
         axis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel(f"cache per sequence at {n} tokens (MiB, fp16 K/V, fp32 SSM state)")
     ax.set_ylabel("WikiText-2 test token perplexity")
-    ax.set_title(f"SmolLM2-135M uptrained to Attamba (L=8): first {report['eval_tokens']} test tokens")
+    ax.set_title(f"SmolLM2-135M uptrained to Attamba: first {report['eval_tokens']} test tokens")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
