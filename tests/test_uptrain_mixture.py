@@ -79,9 +79,10 @@ def test_recall_rows_weigh_exactly_their_answers(tokenizer_file) -> None:
     mix, tok = _mixture(tokenizer_file, seq_len=192)
     styles, fillers = set(), set()
     for _ in range(16):
-        ids, weights = mix.recall()
+        ids, weights, answers = mix.recall()
         assert len(ids) == 193 and len(weights) == 192
         assert set(weights) <= {1.0, 5.0}
+        assert answers == [w == 5.0 for w in weights]  # the weighted predictions are exactly the answers
         spans, j = [], 0  # runs of weighted predictions: each is one answer
         while j < len(weights):
             if weights[j] == 5.0:
@@ -111,10 +112,10 @@ def test_recall_rows_weigh_exactly_their_answers(tokenizer_file) -> None:
 
 def test_mixture_batches_are_reproducible_and_mix_kinds(tokenizer_file) -> None:
     (a, tok), (b, _) = _mixture(tokenizer_file), _mixture(tokenizer_file)
-    ids_a, w_a = next(a.batches(6))
-    ids_b, w_b = next(b.batches(6))
-    assert torch.equal(ids_a, ids_b) and torch.equal(w_a, w_b)
-    assert ids_a.shape == (6, 97) and w_a.shape == (6, 96)
+    ids_a, w_a, ans_a = next(a.batches(6))
+    ids_b, w_b, ans_b = next(b.batches(6))
+    assert torch.equal(ids_a, ids_b) and torch.equal(w_a, w_b) and torch.equal(ans_a, ans_b)
+    assert ids_a.shape == (6, 97) and w_a.shape == ans_a.shape == (6, 96) and ans_a.dtype == torch.bool
     chats = [tok.decode(mix_row.tolist()) for mix_row in next(a.batches(20))[0]]
     assert any("<|user|>" in c for c in chats) and any("<|user|>" not in c for c in chats)
     with pytest.raises(ValueError, match="sum to at most 1"):
@@ -207,7 +208,8 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
     assert [(r["stage"], r["step"]) for r in log] == [(1, 1), (2, 1), (2, 2), (2, 3)]
     load_model(tmp_path / "whole")  # the delta with its adapters loads as a plain attamba model
     # a resumed run may change its data mixture, not its model
-    assert uptrain("parts", "--stage2-steps", "4", "--recall-frac", "0.5", "--resume", "auto") == 0
+    assert uptrain("parts", "--stage2-steps", "4", "--recall-frac", "0.5", "--recall-target", "corrected", "--resume",
+                   "auto") == 0
     assert uptrain("parts", "--stage2-steps", "5", "--window", "3", "--resume", "auto") != 0
     # a run started from it (init_from, no stage 1) starts with its SSMs and its adapters
     assert uptrain("next", "--init-from", str(tmp_path / "whole"), "--stage1-steps", "0", "--stage2-steps", "0") == 0
@@ -215,3 +217,26 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
     assert nxt.keys() == whole.keys()
     for k in whole:
         torch.testing.assert_close(nxt[k], whole[k], atol=1e-2 if k.endswith(".lora_b") else 0, rtol=1e-2)
+
+
+def test_corrected_target_replaces_a_wrong_teacher_only() -> None:
+    teacher, student = _tiny(), _tiny()
+    with torch.no_grad():
+        student.blocks[0].attn.wq.weight.add_(0.1)
+    batch = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        t_arg = teacher(batch[:, :-1]).argmax(-1)[0]
+    batch[0, 2], batch[0, 3] = int(t_arg[1]), (int(t_arg[2]) + 1) % 50  # the teacher right at 1, wrong at 2
+    with torch.no_grad():
+        s = torch.log_softmax(student(batch[:, :-1]), -1)[0]
+    for pos, teacher_right in ((1, True), (2, False)):
+        only = torch.zeros(1, 5)
+        only[0, pos] = 1.0
+        truth = only.bool()
+        _, kl_plain, ce = distillation_loss(teacher, student, batch, 0.0, only)
+        _, kl_fixed, _ = distillation_loss(teacher, student, batch, 0.0, only, truth)
+        if teacher_right:  # the teacher's distribution stays the target
+            assert kl_fixed == pytest.approx(kl_plain)
+        else:  # the stated token is the target: the term is its cross-entropy
+            assert kl_fixed == pytest.approx(ce) == pytest.approx(float(-s[pos, batch[0, pos + 1]]), abs=1e-4)
+            assert kl_fixed != pytest.approx(kl_plain)

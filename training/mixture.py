@@ -26,6 +26,7 @@ from torch import Tensor
 from models.tokenizer import Tokenizer
 
 KINDS = ("text", "chat", "recall")
+Row = tuple[list[int], list[float], list[bool]]
 
 QUESTIONS = ("Tell me about {}.", "What do you know about {}?", "Give me a short summary of {}.",
              "Can you explain what {} is?", "Write a few sentences about {}.")
@@ -53,7 +54,9 @@ class MixtureConfig:
 
 
 class Mixture:
-    """Draws [B, T+1] id batches and [B, T] loss weights from `generator` (reproducible, resumable)."""
+    """Draws [B, T+1] id batches, [B, T] loss weights and [B, T] answer masks from `generator` (reproducible,
+    resumable). A row is (ids, weights, answers): answers[j] marks a prediction of ids[j + 1] that is a recall
+    answer's token, whose right value the row itself states."""
 
     def __init__(self, cfg: MixtureConfig, tokenizer: Tokenizer, text_ids: Tensor,
                  summaries: list[tuple[str, str]], render_chat: Callable[[list[tuple[str, str]]], str],
@@ -80,20 +83,20 @@ class Mixture:
         unit = self.tok.encode(" " + " ".join(DRILL[i] for i in picks))
         return (unit * (n // len(unit) + 1))[:n]
 
-    def text(self) -> tuple[list[int], list[float]]:
+    def text(self) -> Row:
         n = self.cfg.seq_len + 1
-        return self._window(n), [1.0] * (n - 1)
+        return self._window(n), [1.0] * (n - 1), [False] * (n - 1)
 
-    def chat(self) -> tuple[list[int], list[float]]:
+    def chat(self) -> Row:
         ids: list[int] = []
         while len(ids) < self.cfg.seq_len + 1:
             title, extract = self.summaries[self._int(len(self.summaries))]
             question = QUESTIONS[self._int(len(QUESTIONS))].format(title)
             ids += self.tok.encode(self.render_chat([("user", question), ("assistant", extract)]))
         ids = ids[: self.cfg.seq_len + 1]
-        return ids, [1.0] * (len(ids) - 1)
+        return ids, [1.0] * (len(ids) - 1), [False] * (len(ids) - 1)
 
-    def recall(self) -> tuple[list[int], list[float]]:
+    def recall(self) -> Row:
         n_total = self.cfg.seq_len + 1
         facts, qa = [], []
         used: set[tuple[int, int]] = set()
@@ -129,13 +132,13 @@ class Mixture:
         ids += filler[prev:]
         head = len(ids)
         ids += tail
-        weights = [1.0] * (n_total - 1)
-        for start, length in answer_at:  # weight index j scores the prediction of ids[j + 1]
+        weights, answers = [1.0] * (n_total - 1), [False] * (n_total - 1)
+        for start, length in answer_at:  # index j scores the prediction of ids[j + 1]
             for j in range(head + start - 1, head + start - 1 + length):
-                weights[j] = self.cfg.recall_weight
-        return ids, weights
+                weights[j], answers[j] = self.cfg.recall_weight, True
+        return ids, weights, answers
 
-    def example(self) -> tuple[list[int], list[float]]:
+    def example(self) -> Row:
         u = float(torch.rand((), generator=self.gen))
         if u < self.cfg.chat_frac:
             return self.chat()
@@ -143,9 +146,10 @@ class Mixture:
             return self.recall()
         return self.text()
 
-    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless (ids [B, T+1] long, weights [B, T] float) batches."""
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Endless (ids [B, T+1] long, weights [B, T] float, answers [B, T] bool) batches."""
         while True:
             rows = [self.example() for _ in range(batch_size)]
             yield (torch.tensor([r[0] for r in rows], dtype=torch.long),
-                   torch.tensor([r[1] for r in rows], dtype=torch.float32))
+                   torch.tensor([r[1] for r in rows], dtype=torch.float32),
+                   torch.tensor([r[2] for r in rows], dtype=torch.bool))

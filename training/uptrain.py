@@ -53,7 +53,8 @@ from .run_flags import RunFlags
 STAGES = (1, 2)
 # a resumed run may change these: the schedule's length, the machine's side, and the stage-2 data mixture
 RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from", "chat_frac", "recall_frac",
-                 "recall_weight")
+                 "recall_weight", "recall_target")
+RECALL_TARGETS = ("teacher", "corrected")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class UptrainConfig:
     chat_frac: float = setting(0.0, "stage-2 rows that are packed chats (needs the wiki-summaries source)")
     recall_frac: float = setting(0.0, "stage-2 rows that are recall tasks")
     recall_weight: float = setting(10.0, "loss weight of a recall answer's tokens")
+    recall_target: str = setting("teacher", "a recall answer's target: the teacher's distribution, or 'corrected': "
+                                 "the stated value wherever the teacher's argmax misses it", choices=RECALL_TARGETS)
     autocast: bool = setting(False, "bf16 autocast for teacher and student (CPU with native bf16)")
 
     def __post_init__(self) -> None:
@@ -101,6 +104,8 @@ class UptrainConfig:
                 if getattr(self, n) <= 0]
         if self.chat_frac + self.recall_frac > 1:
             bad.append("chat_frac + recall_frac")
+        if self.recall_target not in RECALL_TARGETS:
+            bad.append("recall_target")
         if bad:
             raise ValueError(f"uptrain config: invalid values for {bad}")
         unknown = [name for name in self.sources if name not in SOURCES]
@@ -174,18 +179,23 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
     return total / len(student.blocks)
 
 
-def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
-                      weights: Tensor | None = None) -> tuple[Tensor, float, float]:
+def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float, weights: Tensor | None = None,
+                      truth: Tensor | None = None) -> tuple[Tensor, float, float]:
     """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE, averaged with the
-    per-token weights [B, T] (default all 1); returns (loss, kl, ce)."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    w = torch.ones(targets.shape, device=batch.device) if weights is None else weights
-    w = w.flatten() / w.sum()
+    per-token weights [B, T] (default all 1); returns (loss, kl, ce). Where the bool mask `truth` [B, T] marks a
+    target known to be right and the teacher's argmax is another token, the teacher's distribution gives way to
+    the target itself (KL to a one-hot target is the cross-entropy)."""
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].flatten()
+    w = torch.ones(targets.shape, device=batch.device) if weights is None else weights.flatten()
+    w = w / w.sum()
     with torch.no_grad():
         t_logp = F.log_softmax(teacher(inputs).flatten(0, 1).float(), -1)
     s_logp = F.log_softmax(student(inputs).flatten(0, 1).float(), -1)
-    kl = (F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1) * w).sum()
-    ce = (F.nll_loss(s_logp, targets.flatten(), reduction="none") * w).sum()
+    nll = F.nll_loss(s_logp, targets, reduction="none")
+    per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
+    if truth is not None:
+        per_token = torch.where(truth.flatten() & (t_logp.argmax(-1) != targets), nll, per_token)
+    kl, ce = (per_token * w).sum(), (nll * w).sum()
     return kl + ce_weight * ce, kl.item(), ce.item()
 
 
@@ -259,7 +269,7 @@ class Run:
     def load_state(self) -> None:
         state = self.run_dir.load()
         saved = {**dataclasses.asdict(UptrainConfig()), **state["config"]}  # fields added since take their defaults
-        differ = [k for k, v in dataclasses.asdict(self.uc).items() if saved[k] != v and k not in RESCHEDULABLE]
+        differ = [k for k, v in dataclasses.asdict(self.uc).items() if k not in RESCHEDULABLE and saved.get(k) != v]
         if differ:
             raise ValueError(f"{self.run_dir.path} was written with a different uptrain config ({', '.join(differ)}); "
                              "use another --out directory")
@@ -278,11 +288,11 @@ class Run:
                         only={k for k in self.student.state_dict() if is_ssm(k)}, extra=lora_factors(self.student))
 
     # ---- training ------------------------------------------------------------------------------------
-    def _stream(self, ids: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Stage 1: text windows; stage 2: the mixture (text, chats, recall) with per-token weights."""
+    def _stream(self, ids: Tensor) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """Stage 1: text windows; stage 2: the mixture (text, chats, recall) with per-token weights and answers."""
         uc = self.uc
         if self.stage == 1 or not (uc.chat_frac or uc.recall_frac):
-            return ((b, None) for b in batches(ids, uc.batch_size, uc.seq_len, self.gen))
+            return ((b, None, None) for b in batches(ids, uc.batch_size, uc.seq_len, self.gen))
         chat = load_chat_template(self.teacher.config, self.tokenizer)
         render = lambda msgs: chat.render(msgs, add_generation_prompt=False)  # noqa: E731
         mix = Mixture(MixtureConfig(uc.seq_len, uc.chat_frac, uc.recall_frac, uc.recall_weight), self.tokenizer, ids,
@@ -304,19 +314,20 @@ class Run:
             self.opt = self._optimizer()
             self.save_state()
 
-    def _stage(self, stream: Iterator[tuple[Tensor, Tensor | None]]) -> bool:
+    def _stage(self, stream: Iterator[tuple[Tensor, Tensor | None, Tensor | None]]) -> bool:
         """The rest of the current stage; False when the deadline stopped it (state saved, student exported)."""
         uc, total = self.uc, self.steps(self.stage)
 
         def update(step: int) -> dict:
-            batch, weights = next(stream)
+            batch, weights, answers = next(stream)
             record: dict = {"stage": self.stage}
             with torch.autocast("cpu", torch.bfloat16, enabled=uc.autocast):
                 if self.stage == 1:
                     loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
                 else:
+                    truth = answers if uc.recall_target == "corrected" else None
                     loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch,
-                                                                         uc.ce_weight, weights)
+                                                                         uc.ce_weight, weights, truth)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params + self.lora_params, uc.grad_clip)
             self.opt.step()
