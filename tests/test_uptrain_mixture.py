@@ -14,7 +14,7 @@ from models.loading import CheckpointError
 from models.tokenizer import Tokenizer
 from server.chat import ChatTemplate
 from tests.conftest import SAMPLE, make_checkpoint
-from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts
+from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts, recall_row_prompts
 from training.lora import LoRALinear, add_lora, lora_factors, parse_targets
 from training.mixture import DRILL, Mixture, MixtureConfig
 from training.uptrain import distillation_loss, is_ssm, is_trainable
@@ -163,6 +163,19 @@ def test_passkey_prompts_state_the_key_once(tokenizer_file) -> None:
         assert text.endswith("The pass key is")
         assert tok.decode(prompt[-back:]).startswith(" The pass key is " + key)  # back: where the key sentence starts
     assert cases == passkey_prompts(tok, 120, 5, seed=1)
+
+
+def test_recall_row_prompts_end_where_the_stated_value_is_asked_for(tokenizer_file) -> None:
+    tok = Tokenizer.from_file(tokenizer_file)
+    ids = torch.tensor(tok.encode(SAMPLE.read_text()))
+    cases = recall_row_prompts(tok, ids, 12, 192, seed=3)
+    assert len(cases) == 12 and cases == recall_row_prompts(tok, ids, 12, 192, seed=3)
+    for prompt, value, back, drill in cases:
+        text = tok.decode(prompt)
+        assert value.isdigit() and text.endswith(("Answer:", " is", " number"))
+        assert value in tok.decode(prompt[-back:]) and value not in tok.decode(prompt[-back + 1 :])  # latest statement
+        assert drill == any(d in text for d in DRILL)
+    assert {c[3] for c in cases} == {True, False}  # both fillers
 
 
 def test_chat_accuracy_scores_replies_and_cuts_at_stop(tokenizer_file) -> None:

@@ -32,7 +32,7 @@ def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_pat
     from models.config import ModelConfig
     from training.uptrain_report import equal_cache_window
 
-    from conftest import make_checkpoint
+    from conftest import SAMPLE, make_checkpoint
 
     teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", max_seq_len=256)
     student = make_checkpoint(tmp_path, tokenizer_file, "attamba", max_seq_len=256)
@@ -40,9 +40,11 @@ def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_pat
     real = report.passkey
     monkeypatch.setattr(report, "passkey", lambda model, *a: asked.append(a) or real(model, *a))
     out = tmp_path / "pk.json"
+    monkeypatch.setattr(report, "read_split", lambda split: SAMPLE.read_text())
     assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--trials", "3",
-                        "--seq-len", "64", "--threads", "1", "--out", str(out)]) == 0
+                        "--seq-len", "64", "--recall-rows", "2", "--threads", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    assert all(r["recall_rows"]["rows"] == 2 == len(r["recall_rows"]["cases"]) for r in rows)
     w = equal_cache_window(ModelConfig.load(teacher), ModelConfig.load(student), 64)
     assert [r["name"] for r in rows] == ["teacher", "attamba", f"sliding W={w}"]
     assert all(r["trials"] == 3 and 0 <= r["recovered"] <= 3 for r in rows)

@@ -6,6 +6,9 @@
   passkey   a 5-digit key stated once at a random depth of n tokens of filler, then asked for; the
             fraction of trials whose greedy answer holds the key (the classic format of Mohtashami &
             Jaggi 2023; its filler and wording never appear in the training mixture)
+  recall    held-out recall rows of the training mixture's own form (training/mixture.py; WikiText-2 *test*
+            text or drill sentences as filler): does the student answer what it was trained to, and from how
+            far back
   chat      plain factual questions (training/chat_eval.json) asked through the model's chat
             template, greedy; a reply is right when it contains one of the accepted answers
 All generation runs through the cached decode path (models/state.py: prefill, decode_step).
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 from models.lm import LM
 from models.state import decode_step, prefill
 from models.tokenizer import Tokenizer
+
+from .mixture import DRILL, Mixture, MixtureConfig
 
 CHAT_SET = Path(__file__).with_name("chat_eval.json")
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -90,6 +95,39 @@ def passkey(model: LM, tokenizer: Tokenizer, n_filler: int, trials: int, seed: i
     hits = [key in r for (_, key, _), r in zip(cases, replies)]
     return {"filler_tokens": n_filler, "trials": trials, "recovered": sum(hits), "fraction": sum(hits) / trials,
             "cases": [{"back": back, "recovered": hit, "reply": r} for (_, _, back), hit, r in zip(cases, hits, replies)]}
+
+
+def recall_row_prompts(tokenizer: Tokenizer, text_ids: torch.Tensor, rows: int, seq_len: int,
+                       seed: int) -> list[tuple[list[int], str, int, bool]]:
+    """(prompt ids, value, back, drill) per row: a recall row cut before its first answer; back counts the
+    tokens from the value's latest statement to the prompt's end; drill when its filler is DRILL sentences."""
+    mix = Mixture(MixtureConfig(seq_len, 0.0, 1.0, 1.0), tokenizer, text_ids, [], lambda m: "",
+                  torch.Generator().manual_seed(seed))
+    out = []
+    while len(out) < rows:
+        ids, _, answers = mix.recall()
+        if True not in answers:  # no room for the task: the draw fell back to plain text
+            continue
+        j = answers.index(True)
+        k = answers.index(False, j) if False in answers[j:] else len(answers)
+        prompt, value = ids[: j + 1], tokenizer.decode(ids[j + 1 : k + 1]).strip()
+        back = next(len(prompt) - i for i in range(len(prompt) - 1, -1, -1) if value in tokenizer.decode(prompt[i:]))
+        out.append((prompt, value, back, any(d in tokenizer.decode(prompt) for d in DRILL)))
+    return out
+
+
+def recall_rows(model: LM, tokenizer: Tokenizer, text_ids: torch.Tensor, rows: int, seq_len: int = 1024,
+                seed: int = 12345, far: int = 90) -> dict:
+    """Fraction of held-out recall rows whose 8 greedy tokens hold the stated value, overall and for values
+    stated more than `far` tokens back (beyond a window of 64 plus its partial chunk)."""
+    cases = recall_row_prompts(tokenizer, text_ids, rows, seq_len, seed)
+    replies = [tokenizer.decode(r) for r in greedy_batch(model, [c[0] for c in cases], 8)]
+    hits = [value in r for (_, value, _, _), r in zip(cases, replies)]
+    beyond = [(h, c[3]) for h, c in zip(hits, cases) if c[2] > far]
+    return {"rows": rows, "recovered": sum(hits), "beyond": len(beyond), "recovered_beyond": sum(h for h, _ in beyond),
+            "drill_beyond": sum(d for _, d in beyond), "recovered_drill_beyond": sum(h for h, d in beyond if d),
+            "cases": [{"back": c[2], "drill": c[3], "value": c[1], "recovered": h, "reply": r}
+                      for c, h, r in zip(cases, hits, replies)]}
 
 
 def load_chat_set(path: Path = CHAT_SET) -> list[dict]:

@@ -7,6 +7,9 @@ of the teacher's rate and more than the window's):
 
 Each trial is training/long_eval.py's: a 5-digit key stated once at a random depth of the filler, then asked
 for; recovered when the key is in the 8 greedy tokens that follow. Every model gets the same prompts.
+With --recall-rows N each model also answers N held-out recall rows of the training mixture's own form
+(long_eval.recall_rows: WikiText-2 test text or drill sentences as filler), which separates "did not learn
+what it was trained on" from "learned it, but it does not carry over to the pass key".
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from models.loading import load_model
 from models.registry import resolve_model
 from models.tokenizer import Tokenizer
 
-from .long_eval import passkey
+from .data import encode_corpus, read_split
+from .long_eval import passkey, recall_rows
 from .uptrain_report import equal_cache_window, sliding_control
 
 
@@ -35,11 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=1024,
                         help="the length at which the window's cache equals the student's")
     parser.add_argument("--seed", type=int, default=1, help="prompt seed (the 6-trial report uses 0)")
+    parser.add_argument("--recall-rows", type=int, default=0, help="held-out recall rows of the training form")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not (args.student / "config.json").is_file():
         parser.error(f"not a checkpoint directory: {args.student}")
+    if min(args.filler, args.trials, args.recall_rows + 1) < 1:
+        parser.error("--filler and --trials must be positive, --recall-rows not negative")
     torch.set_num_threads(args.threads)
     teacher_dir = resolve_model(args.teacher)
     teacher = load_model(teacher_dir).eval()
@@ -50,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         args.student.name: lambda: load_model(args.student).eval(),
         f"sliding W={w}": lambda: sliding_control(teacher, w),
     }
+    text_ids = encode_corpus(tokenizer, read_split("test")) if args.recall_rows else None
     report = {"teacher": args.teacher, "student": str(args.student), "filler_tokens": args.filler,
-              "trials": args.trials, "seed": args.seed, "rows": []}
+              "trials": args.trials, "seed": args.seed, "recall_rows": args.recall_rows, "rows": []}
     for name, build in models.items():
         t0 = time.time()
         with torch.no_grad():
-            row = passkey(build(), tokenizer, args.filler, args.trials, args.seed)
+            model = build()
+            row = passkey(model, tokenizer, args.filler, args.trials, args.seed)
+            if text_ids is not None:
+                row["recall_rows"] = recall_rows(model, tokenizer, text_ids, args.recall_rows, args.seq_len)
         report["rows"].append({"name": name, **row, "seconds": round(time.time() - t0, 1)})
         print(json.dumps(report["rows"][-1]), flush=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
