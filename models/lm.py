@@ -254,6 +254,13 @@ class LM(nn.Module):
             if isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
 
+    def set_chunk_size(self, chunk_size: int) -> None:
+        """Cut chunks of chunk_size from now on, on the reference paths (training, evaluation): no weight depends on
+        P, so one set of weights runs at several (the engine's --chunk-size loads a checkpoint at another P)."""
+        self.config = self.config.replace(chunk_size=chunk_size)
+        for blk, spec in zip(self.blocks, CacheSpec.from_config(self.config).layers):
+            blk.attn.cfg, blk.attn.spec = self.config, spec
+
     def pack(self) -> "LM":
         """Pack every layer's decode weights (done once by the engine before serving)."""
         for blk in self.blocks:

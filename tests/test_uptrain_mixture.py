@@ -17,7 +17,7 @@ from tests.conftest import SAMPLE, make_checkpoint
 from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts, recall_row_prompts
 from training.lora import LoRALinear, add_lora, lora_factors, parse_targets
 from training.mixture import DRILL, Mixture, MixtureConfig
-from training.uptrain import distillation_loss, is_ssm, is_trainable
+from training.uptrain import UptrainConfig, distillation_loss, is_ssm, is_trainable
 
 
 def _tiny(kind: str = "transformer", **kw) -> torch.nn.Module:
@@ -207,7 +207,7 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
                      "--window", "2", "--ssm-state", "4", "--ssm-inner", "8", "--ssm-heads", "2", "--seq-len", "40",
                      "--batch-size", "2", "--stage1-steps", "1", "--stage2-steps", "3", "--warmup-steps", "1",
                      "--ckpt-interval", "1", "--train-text", str(SAMPLE), "--lora-rank", "2", "--lora-targets",
-                     "wq,wo", "--chat-frac", "0.3", "--recall-frac", "0.4", *extra])
+                     "wq,wo", "--chat-frac", "0.3", "--recall-frac", "0.4", "--chunk-sizes", "2,4", *extra])
 
     assert uptrain("whole") == 0
     assert uptrain("parts", "--stage2-steps", "1") == 0  # stops inside stage 2 (adapters already added) ...
@@ -219,7 +219,9 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
     assert any(float(v.abs().max()) > 0 for k, v in whole.items() if k.endswith(".lora_b"))  # the adapters trained
     log = [json.loads(ln) for ln in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in log] == [(1, 1), (2, 1), (2, 2), (2, 3)]
-    load_model(tmp_path / "whole")  # the delta with its adapters loads as a plain attamba model
+    assert all(r["chunk_size"] in (2, 4) for r in log[1:])  # a chunk size drawn for every stage-2 step
+    assert load_model(tmp_path / "whole").config.chunk_size == 4  # the delta with its adapters loads as a plain
+    # attamba model, at its own chunk size
     # a resumed run may change its data mixture, not its model
     assert uptrain("parts", "--stage2-steps", "4", "--recall-frac", "0.5", "--recall-target", "corrected", "--resume",
                    "auto") == 0
@@ -230,6 +232,20 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
     assert nxt.keys() == whole.keys()
     for k in whole:
         torch.testing.assert_close(nxt[k], whole[k], atol=1e-2 if k.endswith(".lora_b") else 0, rtol=1e-2)
+
+
+def test_one_set_of_weights_runs_at_another_chunk_size() -> None:
+    model, ids = _tiny("attamba"), torch.randint(0, 50, (2, 13))  # P 4
+    at4 = model(ids)
+    other = build_model(model.config.replace(chunk_size=2), seed=1)
+    other.load_state_dict(model.state_dict())
+    model.set_chunk_size(2)
+    assert model.config.chunk_size == 2 and not torch.allclose(model(ids), at4)
+    torch.testing.assert_close(model(ids), other(ids))  # the same as a model built at P 2
+    model.set_chunk_size(4)
+    torch.testing.assert_close(model(ids), at4)
+    with pytest.raises(ValueError, match="chunk_sizes"):
+        UptrainConfig(chunk_size=8, chunk_sizes="4,16")
 
 
 def test_corrected_target_replaces_a_wrong_teacher_only() -> None:

@@ -53,7 +53,7 @@ from .run_flags import RunFlags
 STAGES = (1, 2)
 # a resumed run may change these: the schedule's length, the machine's side, and the stage-2 data mixture
 RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from", "chat_frac", "recall_frac",
-                 "recall_weight", "recall_target")
+                 "recall_weight", "recall_target", "chunk_sizes")
 RECALL_TARGETS = ("teacher", "corrected")
 
 
@@ -63,6 +63,8 @@ class UptrainConfig:
 
     teacher: str = setting("smollm2-135m", "named model or checkpoint directory of a transformer")
     chunk_size: int = setting(8, "the student's chunk size P")
+    chunk_sizes: str = setting("", "comma-separated chunk sizes, one drawn at random for every stage-2 step (one "
+                               "checkpoint for several P); empty: chunk_size only")
     window: int = setting(8, "the student's window L")
     ssm_state: int = setting(16, "SSM state size N")
     ssm_inner: int = setting(64, "SSM inner width E")
@@ -106,12 +108,19 @@ class UptrainConfig:
             bad.append("chat_frac + recall_frac")
         if self.recall_target not in RECALL_TARGETS:
             bad.append("recall_target")
+        sizes = [p.strip() for p in self.chunk_sizes.split(",") if p.strip()]
+        if sizes and not (all(p.isdigit() and int(p) > 0 for p in sizes) and self.chunk_size in map(int, sizes)):
+            bad.append("chunk_sizes (positive integers, chunk_size among them)")
         if bad:
             raise ValueError(f"uptrain config: invalid values for {bad}")
         unknown = [name for name in self.sources if name not in SOURCES]
         if unknown or not self.sources:
             raise ValueError(f"uptrain config: corpus sources must be among {', '.join(SOURCES)}, got {self.corpus!r}")
         parse_targets(self.lora_targets)
+
+    @property
+    def random_chunk_sizes(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.chunk_sizes.split(",") if p.strip())
 
     @property
     def sources(self) -> list[str]:
@@ -321,6 +330,10 @@ class Run:
         def update(step: int) -> dict:
             batch, weights, answers = next(stream)
             record: dict = {"stage": self.stage}
+            sizes = uc.random_chunk_sizes if self.stage == 2 else ()
+            if sizes:  # drawn after the batch, from the same generator: a resumed run draws the same
+                record["chunk_size"] = sizes[int(torch.randint(len(sizes), (1,), generator=self.gen))]
+                self.student.set_chunk_size(record["chunk_size"])
             with torch.autocast("cpu", torch.bfloat16, enabled=uc.autocast):
                 if self.stage == 1:
                     loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
@@ -329,6 +342,8 @@ class Run:
                     loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch,
                                                                          uc.ce_weight, weights, truth)
             loss.backward()
+            if sizes:
+                self.student.set_chunk_size(uc.chunk_size)  # what the export and every check between steps see
             torch.nn.utils.clip_grad_norm_(self.params + self.lora_params, uc.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)

@@ -9,6 +9,9 @@ its uptrained Attamba students and two untrained controls per chunk size P:
 With --long-windows, --passkey-trials and --chat each row also gets the long-context measurements of
 training/long_eval.py (perplexity of positions 2k-4k, pass-key recall at 500/1k/2k tokens, the chat set).
 
+A run trained with random chunk sizes (uptrain's chunk_sizes) also gets a row for its checkpoint at each of its
+other sizes, to set against the runs trained at that size alone.
+
 Rows already in --out (same evaluation settings; for a student, the same training log) are kept, so a
 report can be refreshed as students train; a run without an exported student yet has only its control rows.
 A student trained further is measured again and its previous row stays, named after its stage-2 steps:
@@ -142,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             trained = {f"stage{s}_steps": sum(r["stage"] == s for r in log) for s in (1, 2)}
             trained["tokens"] = len(log) * uc.batch_size * uc.seq_len
             add(f"attamba P={uc.chunk_size} L={uc.window}", lambda: load_model(run), P=uc.chunk_size, trained=trained)
+            for p in sorted(set(uc.random_chunk_sizes) - {uc.chunk_size}):  # a random-P run's checkpoint at its other P
+                add(f"attamba P={p} L={uc.window} (the P={uc.chunk_size} checkpoint of {run.name})",
+                    lambda p=p: load_model(run, chunk_size=p), P=p, trained=trained)
         add(f"zero-SSM P={uc.chunk_size} L={uc.window}", lambda: build_student(teacher, cfg, uc.seed).eval(), P=uc.chunk_size)
         w = equal_cache_window(teacher.config, cfg, args.seq_len)
         add(f"sliding W={w} (= P={uc.chunk_size} L={uc.window} cache)",
