@@ -42,10 +42,34 @@ def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_pat
     out = tmp_path / "pk.json"
     monkeypatch.setattr(report, "read_split", lambda split: SAMPLE.read_text())
     assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--trials", "3",
-                        "--seq-len", "64", "--recall-rows", "2", "--threads", "1", "--out", str(out)]) == 0
+                        "--seq-len", "64", "--recall-rows", "2", "--full-layers", "1", "--threads", "1",
+                        "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    assert rows[-1]["name"] == "attamba + the teacher's layers [1]"
+    rows = rows[:-1]
     assert all(r["recall_rows"]["rows"] == 2 == len(r["recall_rows"]["cases"]) for r in rows)
     w = equal_cache_window(ModelConfig.load(teacher), ModelConfig.load(student), 64)
     assert [r["name"] for r in rows] == ["teacher", "attamba", f"sliding W={w}"]
     assert all(r["trials"] == 3 and 0 <= r["recovered"] <= 3 for r in rows)
     assert len(set(asked)) == 1  # one filler length, trial count and seed for all three
+
+
+def test_layer_lists_and_the_student_with_teacher_layers(tmp_path: Path, tokenizer_file: Path) -> None:
+    import argparse
+
+    from models.loading import load_model
+    from training.passkey_report import layer_list
+    from training.uptrain_report import with_teacher_layers
+
+    from conftest import make_checkpoint
+
+    assert layer_list("15-17") == [15, 16, 17] and layer_list("3,1-2,3") == [1, 2, 3]
+    for bad in ("", "a", "2-x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a layer list"):
+            layer_list(bad)
+    teacher = load_model(make_checkpoint(tmp_path, tokenizer_file, "transformer"))
+    student = load_model(make_checkpoint(tmp_path, tokenizer_file, "attamba"))
+    own = student.blocks[0]
+    hybrid = with_teacher_layers(student, teacher, [1])
+    assert hybrid.blocks[0] is own and hybrid.blocks[1] is teacher.blocks[1]
+    assert hybrid.blocks[1].attn.spec.boundaries == "all"  # every key kept at that layer

@@ -9,7 +9,9 @@ Each trial is training/long_eval.py's: a 5-digit key stated once at a random dep
 for; recovered when the key is in the 8 greedy tokens that follow. Every model gets the same prompts.
 With --recall-rows N each model also answers N held-out recall rows of the training mixture's own form
 (long_eval.recall_rows: WikiText-2 test text or drill sentences as filler), which separates "did not learn
-what it was trained on" from "learned it, but it does not carry over to the pass key".
+what it was trained on" from "learned it, but it does not carry over to the pass key". Each --full-layers
+adds a row of the student with the teacher's own full-attention blocks at those layers (e.g. 15-29 or
+20,22): how much of the network recall needs whole.
 """
 from __future__ import annotations
 
@@ -27,7 +29,21 @@ from models.tokenizer import Tokenizer
 
 from .data import encode_corpus, read_split
 from .long_eval import passkey, recall_rows
-from .uptrain_report import equal_cache_window, sliding_control
+from .uptrain_report import equal_cache_window, sliding_control, with_teacher_layers
+
+
+def layer_list(text: str) -> list[int]:
+    """'15-29' or '20,22' (or both: '3,15-17') -> sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            a, _, b = part.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a layer list: {text!r} (e.g. 15-29 or 20,22)") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"not a layer list: {text!r} (e.g. 15-29 or 20,22)")
+    return sorted(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the length at which the window's cache equals the student's")
     parser.add_argument("--seed", type=int, default=1, help="prompt seed (the 6-trial report uses 0)")
     parser.add_argument("--recall-rows", type=int, default=0, help="held-out recall rows of the training form")
+    parser.add_argument("--full-layers", action="append", default=[], type=layer_list, metavar="LAYERS",
+                        help="a row of the student with the teacher's blocks at these layers (e.g. 15-29 or 20,22)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -57,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         args.student.name: lambda: load_model(args.student).eval(),
         f"sliding W={w}": lambda: sliding_control(teacher, w),
     }
+    for layers in args.full_layers:
+        if max(layers) >= teacher.config.n_layers:
+            parser.error(f"--full-layers: the teacher has {teacher.config.n_layers} layers")
+        models[f"{args.student.name} + the teacher's layers {layers}"] = \
+            lambda layers=layers: with_teacher_layers(load_model(args.student), teacher, layers)
     text_ids = encode_corpus(tokenizer, read_split("test")) if args.recall_rows else None
     report = {"teacher": args.teacher, "student": str(args.student), "filler_tokens": args.filler,
               "trials": args.trials, "seed": args.seed, "recall_rows": args.recall_rows, "rows": []}

@@ -62,6 +62,14 @@ def equal_cache_window(teacher: ModelConfig, student: ModelConfig, n: int) -> in
     return w
 
 
+def with_teacher_layers(student: LM, teacher: LM, layers: list[int]) -> LM:
+    """The student with the teacher's own blocks (full attention, every key kept) at `layers`: which layers
+    recall needs whole (the reference paths read each layer's keys from its block's spec)."""
+    for layer in layers:
+        student.blocks[layer] = teacher.blocks[layer]
+    return student.eval()
+
+
 def sliding_control(teacher: LM, window: int) -> LM:
     """The teacher's weights with a sliding window of `window` tokens (the equal-cache control)."""
     model = LM(teacher.config.replace(kind="sliding", sliding_window=window))
