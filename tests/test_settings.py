@@ -225,7 +225,7 @@ def test_uptrain_settings_through_their_flags_over_a_config_file(tmp_path: Path)
              "warmup_steps": 5, "ce_weight": 0.2, "weight_decay": 0.01, "grad_clip": 0.5, "ckpt_interval": 10,
              "threads": 2, "seed": 3, "corpus": "wikitext2,shakespeare", "train_text": "a.txt", "init_from": "ckpt",
              "lora_rank": 16, "lora_alpha": 8.0, "lora_targets": "wq", "lr_lora": 1e-4, "chat_frac": 0.25,
-             "recall_frac": 0.25, "recall_weight": 5.0, "recall_target": "corrected", "chunk_sizes": "4,8",
+             "recall_frac": 0.25, "recall_weight": 5.0, "recall_target": "corrected", "chunk_sizes": "4,8", "teacher_chats": True,
              "autocast": True}
     non_defaults(UptrainConfig, {k: (v, v) for k, v in table.items()})
     parser = parser_of(uptrain)

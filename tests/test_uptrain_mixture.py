@@ -200,6 +200,7 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
     from entrypoints.cli import main
 
     monkeypatch.setattr("training.uptrain.summaries", lambda: [("Alpha", "Alpha is the first letter of it.")])
+    monkeypatch.setattr("training.uptrain.teacher_chats", lambda teacher: [("What is chess?", "A board game.")])
     teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2, tie_embeddings=True)
 
     def uptrain(out: str, *extra: str) -> int:
@@ -207,7 +208,8 @@ def test_uptrain_with_adapters_and_mixture_resumes_exactly(tmp_path, tokenizer_f
                      "--window", "2", "--ssm-state", "4", "--ssm-inner", "8", "--ssm-heads", "2", "--seq-len", "40",
                      "--batch-size", "2", "--stage1-steps", "1", "--stage2-steps", "3", "--warmup-steps", "1",
                      "--ckpt-interval", "1", "--train-text", str(SAMPLE), "--lora-rank", "2", "--lora-targets",
-                     "wq,wo", "--chat-frac", "0.3", "--recall-frac", "0.4", "--chunk-sizes", "2,4", *extra])
+                     "wq,wo", "--chat-frac", "0.3", "--recall-frac", "0.4", "--chunk-sizes", "2,4", "--teacher-chats",
+                     *extra])
 
     assert uptrain("whole") == 0
     assert uptrain("parts", "--stage2-steps", "1") == 0  # stops inside stage 2 (adapters already added) ...

@@ -4,7 +4,8 @@ Every sequence is seq_len + 1 token ids with a loss weight per predicted token, 
 batch together:
   text    a random window of the corpus (weight 1 everywhere)
   chat    "Tell me about X"-style questions answered by X's Wikipedia lead, rendered with the
-          teacher's chat template and packed back to back (weight 1)
+          teacher's chat template and packed back to back (weight 1); with the teacher's own answers to
+          training/teacher_chats.py's questions, half the chats are those
   recall  filler with 1-4 facts ("Mara's locker number is 48213."; one form restates the value) at
           random depths, then a question about each at the end, either as "Question: ...\nAnswer:" or as the
           question followed by the start of its answer ("What is Mara's locker number? Mara's locker
@@ -60,14 +61,16 @@ class Mixture:
 
     def __init__(self, cfg: MixtureConfig, tokenizer: Tokenizer, text_ids: Tensor,
                  summaries: list[tuple[str, str]], render_chat: Callable[[list[tuple[str, str]]], str],
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, answered: list[tuple[str, str]] = ()) -> None:
+        """summaries: (title, extract) pairs, asked about by QUESTIONS; answered: (question, answer) pairs (the
+        teacher's own answers, training/teacher_chats.py), drawn for half the chats when given."""
         if text_ids.numel() <= 2 * cfg.seq_len:
             raise ValueError(f"need more than {2 * cfg.seq_len} corpus tokens, got {text_ids.numel()}")
         if cfg.chat_frac < 0 or cfg.recall_frac < 0 or cfg.chat_frac + cfg.recall_frac > 1:
             raise ValueError("chat_frac and recall_frac must be >= 0 and sum to at most 1")
         if cfg.chat_frac > 0 and not summaries:
             raise ValueError("chat examples need summaries")
-        self.cfg, self.tok, self.ids, self.summaries = cfg, tokenizer, text_ids, summaries
+        self.cfg, self.tok, self.ids, self.summaries, self.answered = cfg, tokenizer, text_ids, summaries, list(answered)
         self.render_chat, self.gen = render_chat, generator
 
     def _int(self, n: int) -> int:
@@ -90,9 +93,12 @@ class Mixture:
     def chat(self) -> Row:
         ids: list[int] = []
         while len(ids) < self.cfg.seq_len + 1:
-            title, extract = self.summaries[self._int(len(self.summaries))]
-            question = QUESTIONS[self._int(len(QUESTIONS))].format(title)
-            ids += self.tok.encode(self.render_chat([("user", question), ("assistant", extract)]))
+            if self.answered and self._int(2):
+                question, answer = self.answered[self._int(len(self.answered))]
+            else:
+                title, answer = self.summaries[self._int(len(self.summaries))]
+                question = QUESTIONS[self._int(len(QUESTIONS))].format(title)
+            ids += self.tok.encode(self.render_chat([("user", question), ("assistant", answer)]))
         ids = ids[: self.cfg.seq_len + 1]
         return ids, [1.0] * (len(ids) - 1), [False] * (len(ids) - 1)
 

@@ -49,11 +49,12 @@ from .lora import add_lora, load_lora_factors, lora_factors, parse_targets
 from .loop import Loop, RunDir, WarmupCosine, restore_rngs
 from .mixture import Mixture, MixtureConfig
 from .run_flags import RunFlags
+from .teacher_chats import teacher_chats
 
 STAGES = (1, 2)
 # a resumed run may change these: the schedule's length, the machine's side, and the stage-2 data mixture
 RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "init_from", "chat_frac", "recall_frac",
-                 "recall_weight", "recall_target", "chunk_sizes")
+                 "recall_weight", "recall_target", "chunk_sizes", "teacher_chats")
 RECALL_TARGETS = ("teacher", "corrected")
 
 
@@ -90,6 +91,8 @@ class UptrainConfig:
     lora_targets: str = setting("wq,wo", "comma-separated projections that get adapters")
     lr_lora: float = setting(2e-4, "stage-2 peak learning rate of the adapters")
     chat_frac: float = setting(0.0, "stage-2 rows that are packed chats (needs the wiki-summaries source)")
+    teacher_chats: bool = setting(False, "half the chats are the teacher's own answers to training/teacher_chats.py's "
+                                  "questions (generated once, cached)")
     recall_frac: float = setting(0.0, "stage-2 rows that are recall tasks")
     recall_weight: float = setting(10.0, "loss weight of a recall answer's tokens")
     recall_target: str = setting("teacher", "a recall answer's target: the teacher's distribution, or 'corrected': "
@@ -304,8 +307,9 @@ class Run:
             return ((b, None, None) for b in batches(ids, uc.batch_size, uc.seq_len, self.gen))
         chat = load_chat_template(self.teacher.config, self.tokenizer)
         render = lambda msgs: chat.render(msgs, add_generation_prompt=False)  # noqa: E731
+        answered = teacher_chats(self.teacher_dir) if uc.chat_frac and uc.teacher_chats else []
         mix = Mixture(MixtureConfig(uc.seq_len, uc.chat_frac, uc.recall_frac, uc.recall_weight), self.tokenizer, ids,
-                      summaries() if uc.chat_frac else [], render, self.gen)
+                      summaries() if uc.chat_frac else [], render, self.gen, answered)
         return mix.batches(uc.batch_size)
 
     def train(self) -> bool:
