@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError, cache_dir
+from .data import DataError, _write_atomic, cache_dir
 
 TOPICS = (
     "a library", "a bicycle", "a volcano", "an earthquake", "a thunderstorm", "a rainbow", "a compass",
@@ -71,11 +71,8 @@ def teacher_chats(teacher_dir: Path, asked: list[str] | None = None, max_tokens:
             raise DataError(f"{path} fails its check (edited or truncated); delete it and retry")
         return pairs
     pairs = [[q, a] for q, a in zip(asked, generate(teacher_dir, asked, max_tokens))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"teacher": str(teacher_dir), "max_tokens": max_tokens, "pairs": pairs,
-                               "sha256": _sha256(json.dumps(pairs).encode())}, indent=1) + "\n")
-    tmp.replace(path)
+    _write_atomic(path, (json.dumps({"teacher": str(teacher_dir), "max_tokens": max_tokens, "pairs": pairs,
+                                     "sha256": _sha256(json.dumps(pairs).encode())}, indent=1) + "\n").encode())
     return [tuple(p) for p in pairs]
 
 
