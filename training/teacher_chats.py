@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError, _write_atomic, cache_dir
+from .data import DataError, _sha256, _write_atomic, cache_dir
 
 TOPICS = (
     "a library", "a bicycle", "a volcano", "an earthquake", "a thunderstorm", "a rainbow", "a compass",
@@ -35,10 +35,6 @@ MAX_TOKENS = 160
 def questions() -> list[str]:
     """Every template for every topic, capitalised."""
     return [(q := t.format(topic))[0].upper() + q[1:] for topic in TOPICS for t in TEMPLATES]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def cache_file(teacher_dir: Path, asked: list[str], max_tokens: int) -> Path:
