@@ -112,7 +112,8 @@ def recall_row_prompts(tokenizer: Tokenizer, text_ids: torch.Tensor, rows: int, 
         k = answers.index(False, j) if False in answers[j:] else len(answers)
         prompt, value = ids[: j + 1], tokenizer.decode(ids[j + 1 : k + 1]).strip()
         back = next(len(prompt) - i for i in range(len(prompt) - 1, -1, -1) if value in tokenizer.decode(prompt[i:]))
-        out.append((prompt, value, back, any(d in tokenizer.decode(prompt) for d in DRILL)))
+        text = tokenizer.decode(prompt)
+        out.append((prompt, value, back, any(d in text for d in DRILL)))
     return out
 
 

@@ -58,6 +58,11 @@ RESCHEDULABLE = ("stage1_steps", "stage2_steps", "ckpt_interval", "threads", "in
 RECALL_TARGETS = ("teacher", "corrected")
 
 
+def comma_items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated setting."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @dataclass(frozen=True)
 class UptrainConfig:
     """Everything a run depends on (also a JSON file for --config; flags override it)."""
@@ -111,7 +116,7 @@ class UptrainConfig:
             bad.append("chat_frac + recall_frac")
         if self.recall_target not in RECALL_TARGETS:
             bad.append("recall_target")
-        sizes = [p.strip() for p in self.chunk_sizes.split(",") if p.strip()]
+        sizes = comma_items(self.chunk_sizes)
         if sizes and not (all(p.isdigit() and int(p) > 0 for p in sizes) and self.chunk_size in map(int, sizes)):
             bad.append("chunk_sizes (positive integers, chunk_size among them)")
         if bad:
@@ -123,11 +128,11 @@ class UptrainConfig:
 
     @property
     def random_chunk_sizes(self) -> tuple[int, ...]:
-        return tuple(int(p) for p in self.chunk_sizes.split(",") if p.strip())
+        return tuple(map(int, comma_items(self.chunk_sizes)))
 
     @property
     def sources(self) -> list[str]:
-        return [name.strip() for name in self.corpus.split(",") if name.strip()]
+        return comma_items(self.corpus)
 
 
 def student_config(teacher: ModelConfig, uc: UptrainConfig, base_model: str) -> ModelConfig:
@@ -281,7 +286,7 @@ class Run:
     def load_state(self) -> None:
         state = self.run_dir.load()
         saved = {**dataclasses.asdict(UptrainConfig()), **state["config"]}  # fields added since take their defaults
-        differ = [k for k, v in dataclasses.asdict(self.uc).items() if k not in RESCHEDULABLE and saved.get(k) != v]
+        differ = [k for k, v in dataclasses.asdict(self.uc).items() if k not in RESCHEDULABLE and saved[k] != v]
         if differ:
             raise ValueError(f"{self.run_dir.path} was written with a different uptrain config ({', '.join(differ)}); "
                              "use another --out directory")
