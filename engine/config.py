@@ -69,8 +69,8 @@ class EngineArgs:
                          choices=(AUTO, *sorted(DTYPES)))
     quantization: str | None = setting(None, "weight-only quantization of the linear layers",
                                        choices=QUANTIZATIONS, shown="none")
-    enforce_eager: bool = setting(False, "run the decode step eagerly: no compiled step on a CPU (torch.compile at "
-                                  "start-up), no captured CUDA graphs on CUDA")
+    enforce_eager: bool = setting(False, "run eagerly: no compiled decode step and prefill layers on a CPU "
+                                  "(torch.compile at start-up), no captured CUDA graphs on CUDA")
     max_waiting: int = setting(256, "sequences the waiting queue holds; more get 429")
     chunk_size: int | None = setting(None, "Attamba chunk size P for the whole engine (attamba checkpoints only)",
                                      shown="the checkpoint's")

@@ -62,6 +62,7 @@ class LLMEngine:
                 log.warning("decode runs eagerly: CUDA graphs need the Triton kernels (install triton)")
         elif not args.enforce_eager:
             self.runner.compile_decode(max_running)
+            self.runner.compile_prefill(max_running)
         self.scheduler = Scheduler(self.cache, max_running, args.max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor
 
 from kernels._triton import use_triton
-from models.lm import LM, LayerSSMState
+from models.lm import LM, BlockHalves, LayerSSMState
 from models.paged import DecodeMetadata, LayerCache, build_decode_metadata, build_prefill_metadata, record_ring
 from models.ssm import SSMState
 
 from .cache_layout import CacheLayout
 from .compiled_decode import CompiledDecode
+from .compiled_prefill import compile_halves, warm_up
 from .cuda_graphs import DecodeGraphs, sizes_up_to
 from .sequence import Sequence
 
@@ -56,6 +57,7 @@ class ModelRunner:
             self.ssm = torch.zeros(L, 2, slots, cfg.ssm_heads, hd, cfg.ssm_state, device=device, dtype=torch.float32)
             self.conv = torch.zeros(L, 2, slots, cfg.conv_channels, cfg.conv_width - 1, **kv)
         self.graphs: DecodeGraphs | CompiledDecode | None = None  # captured (CUDA) or compiled (CPU) decode steps
+        self.halves: BlockHalves | None = None  # the compiled prefill's layer halves (CPU)
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)
                        for l in range(L)]
@@ -132,8 +134,11 @@ class ModelRunner:
             self.spec, torch.tensor([seq.num_computed for seq, _ in work], device=dev),
             torch.tensor([n for _, n in work], device=dev), slots, self._tables([seq for seq, _ in work]),
             self.win_pos, self.block_size, T)
-        states = self._ssm_states(slots, torch.tensor(fresh, device=dev)) if self.cfg.has_ssm and not all(fresh) else None
-        hidden, new_states = self.model.prefill(ids, meta, self.caches, states)
+        halves = self.halves if T > 1 else None  # a one-token chunk runs eagerly (engine/compiled_prefill.py)
+        # the compiled halves always take states (zero for fresh rows, the same result): one graph, not two
+        states = self._ssm_states(slots, torch.tensor(fresh, device=dev)) \
+            if self.cfg.has_ssm and (halves or not all(fresh)) else None
+        hidden, new_states = self.model.prefill(ids, meta, self.caches, states, halves)
         if new_states is not None:
             self._store_ssm(slots, new_states)
         record_ring(self.win_pos, meta.win_store, meta.positions)
@@ -186,6 +191,24 @@ class ModelRunner:
             self.graphs = CompiledDecode(self.model, self.caches, self._metadata([]), sizes_up_to(max_batch))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             log.warning("decode runs eagerly: compiling it failed (%s)", str(e).splitlines()[0])
+
+    def compile_prefill(self, max_rows: int) -> None:
+        """Compile the prefill's layers (CPU) for chunks of one row and of up to max_rows rows, now; they stay
+        eager when Inductor cannot build."""
+        halves = compile_halves(self.model)
+        try:
+            for rows in sorted({1, min(2, max_rows)}):
+                slots = torch.zeros(rows, dtype=torch.long, device=self.device)
+                states = self._ssm_states(slots, torch.ones(rows, dtype=torch.bool, device=self.device)) \
+                    if self.cfg.has_ssm else None
+                seconds = warm_up(self.model, halves, rows, states[0] if states else None)
+                if not torch._dynamo.config.disable:
+                    log.info("compiled the prefill's layers for %s in %.1f s", "1 row" if rows == 1 else "rows > 1",
+                             seconds)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            log.warning("prefill runs eagerly: compiling it failed (%s)", str(e).splitlines()[0])
+            return
+        self.halves = halves
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> Tensor:

@@ -64,6 +64,17 @@ class LayerSSMState:
 AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+@dataclass(frozen=True)
+class BlockHalves:
+    """What runs Block.project and Block.finish in place of the methods on the reference paths (the compiled
+    prefill, engine/compiled_prefill.py): project(block, x, pos, state, last, mamba, offsets[layer]), with each
+    layer's chunk offset as a 0-d tensor, and finish(block, x, o)."""
+
+    project: Callable[..., tuple[Tensor, Tensor, Tensor, LayerSSMState | None]]
+    finish: Callable[..., Tensor]
+    offsets: tuple[Tensor, ...]
+
+
 @dataclass
 class _Packed:
     """A layer's decode weights packed into few tensors (the parameters become views of them)."""
@@ -174,15 +185,17 @@ class Attention(nn.Module):
     # ---- the reference paths -------------------------------------------------------------------
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
+        offset: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
         """u: [B, T, d] at positions pos [T] or [B, T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied).
-        mamba: the SSMs run mamba-ssm's kernels (see ChunkSSM.forward)."""
+        mamba: the SSMs run mamba-ssm's kernels (see ChunkSSM.forward). offset: the layer's chunk offset as a
+        0-d tensor (engine/compiled_prefill.py: one graph serves layers of every offset); default its spec's."""
         theta = self.cfg.rope_theta
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
-            P = self.cfg.chunk_size
-            k, sk = self.ssm_k(u, pos, P, self.spec.offset, state.k if state else None, last, mamba)
-            v, sv = self.ssm_v(u, pos, P, self.spec.offset, state.v if state else None, last, mamba)
+            P, offset = self.cfg.chunk_size, self.spec.offset if offset is None else offset
+            k, sk = self.ssm_k(u, pos, P, offset, state.k if state else None, last, mamba)
+            v, sv = self.ssm_v(u, pos, P, offset, state.v if state else None, last, mamba)
             k, v = self._heads(k + self._skip_k(u), True), self._heads(v + self._skip_v(u), True)
             new_state = LayerSSMState(sk, sv) if last is not None else None
         else:
@@ -218,6 +231,11 @@ class Block(nn.Module):
         """The decode step of one block: x [B, d] -> [B, d]."""
         h = x + self.attn(self.attn_norm(x), meta, cache)
         return h + self.ffn(self.ffn_norm(h))
+
+    def project(self, x: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
+                offset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
+        """First half of the block on the reference paths: the attention's inputs (see Attention.project)."""
+        return self.attn.project(self.attn_norm(x), pos, state, last, mamba, offset)
 
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
         """Second half of the block on the reference paths, after attention output o [..., H, D]."""
@@ -292,18 +310,19 @@ class LM(nn.Module):
         return self.logits(x)
 
     def prefill(self, input_ids: Tensor, meta: PrefillMetadata, caches: list[LayerCache],
-                states: list[LayerSSMState] | None) -> tuple[Tensor, list[LayerSSMState] | None]:
+                states: list[LayerSSMState] | None, halves: BlockHalves | None = None,
+                ) -> tuple[Tensor, list[LayerSSMState] | None]:
         """Prefill chunks input_ids [B, T] (right-padded) through the paged pools -> the hidden states
         [B, T, d] and the SSM states after each row's last token (see extend)."""
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
             return self.blocks[layer].attn.prefill(q, k, v, meta, caches[layer])
 
-        return self.extend(input_ids, meta.starts, states, meta.last, attend)
+        return self.extend(input_ids, meta.starts, states, meta.last, attend, halves=halves)
 
     def extend(
         self, input_ids: Tensor, start: int | Tensor, states: list[LayerSSMState] | None, last: Tensor | None,
-        attend: AttendFn, mamba: bool = False,
+        attend: AttendFn, mamba: bool = False, halves: BlockHalves | None = None,
     ) -> tuple[Tensor, list[LayerSSMState] | None]:
         """Run tokens at positions start..start+T-1 (right padding allowed): one start for every
         row (positions [T]), or one per row (start [B], positions [B, T]: prefill chunks of several
@@ -312,15 +331,21 @@ class LM(nn.Module):
         states: per-layer SSM states after `start` tokens (None when nothing precedes; rows that
         start at 0 ignore theirs). last: [B] index of each row's last real token; when given, the
         SSM states after it are returned. Returns the final hidden states [B, T, d] and the new
-        SSM states.
+        SSM states. halves: what runs each Block.project and Block.finish (the compiled ones of
+        engine/compiled_prefill.py; they take the layer's offset as a tensor).
         """
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         pos = pos + (start[:, None] if isinstance(start, Tensor) else start)
         x = self.embed(input_ids)
         new_states = []
         for i, blk in enumerate(self.blocks):
-            q, k, v, st = blk.attn.project(blk.attn_norm(x), pos, states[i] if states else None, last, mamba)
-            x = blk.finish(x, attend(i, q, k, v, pos))
+            state = states[i] if states else None
+            if halves is None:
+                q, k, v, st = blk.project(x, pos, state, last, mamba)
+                x = blk.finish(x, attend(i, q, k, v, pos))
+            else:
+                q, k, v, st = halves.project(blk, x, pos, state, last, mamba, halves.offsets[i])
+                x = halves.finish(blk, x, attend(i, q, k, v, pos))
             new_states.append(st)
         return x, (new_states if self.config.has_ssm and last is not None else None)
 

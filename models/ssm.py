@@ -30,17 +30,20 @@ class SSMState:
         return self.conv.nelement() * self.conv.element_size() + self.ssm.nelement() * self.ssm.element_size()
 
 
-def chunk_ids(pos: Tensor, chunk_size: int, offset: int) -> Tensor:
-    """Ids that are equal exactly for positions of one chunk; negative positions get unique ids."""
+def chunk_ids(pos: Tensor, chunk_size: int, offset: int | Tensor) -> Tensor:
+    """Ids that are equal exactly for positions of one chunk; negative positions get unique ids.
+    offset: an int or a 0-d tensor (what a compiled prefill passes: one graph for every layer's offset)."""
     starts = chunk_start(pos.clamp(min=0), chunk_size, offset) | (pos < 0)
     return torch.cumsum(starts.long(), -1)
 
 
-def _shift(x: Tensor, j: int) -> Tensor:
-    """x shifted j steps later along dim 1 (zeros enter at the front): out[:, t] = x[:, t - j]."""
-    if j == 0:
-        return x
-    return torch.cat([x.new_zeros(x.shape[0], j, *x.shape[2:]), x[:, : x.shape[1] - j]], 1)
+def _window(x: Tensor, size: int, fill: float = 0.0) -> Tensor:
+    """The last `size` steps up to each t along dim 1, oldest first: out[:, t, ..., k] = x[:, t - size + 1 + k]
+    (`fill` before the start): [B, T, ...] -> [B, T, ..., size]. Stacked slices of a padded copy (unfold's
+    shape check would make a compiled graph assume T >= size)."""
+    T = x.shape[1]
+    padded = F.pad(x, [0, 0] * (x.dim() - 2) + [size - 1, 0], value=fill)
+    return torch.stack([padded[:, k : k + T] for k in range(size)], -1)
 
 
 def causal_conv_reset(xh: Tensor, weight: Tensor, cid: Tensor) -> Tensor:
@@ -66,32 +69,30 @@ def ssd_banded(
     """SSD with per-chunk resets as a band of width P (no D skip).
 
     x: [B, T, h, p], dt: [B, T, h] (after softplus), A: [h] (negative), Bm, Cm: [B, T, N],
-    cid: [T] or [B, T] chunk ids. init_state [B, h, p, N] feeds positions with cont [T] or [B, T]
+    cid: [T] or [B, T] chunk ids (>= 0). init_state [B, h, p, N] feeds positions with cont [T] or [B, T]
     True (the chunk the previous call ended in). last: [B] index of each row's last valid token; when given,
     the state after that token is returned too.
     Returns y [B, T, h, p] and the final state [B, h, p, N] (or None).
 
-    Within a chunk y_t = sum_s C_t.B_s exp(sum_{r in (s, t]} dt_r A) dt_s x_s, over at most P
-    sources s = t - j, j < P: one elementwise term per band offset j.
+    Within a chunk y_t = sum_s C_t.B_s exp(sum_{r in (s, t]} dt_r A) dt_s x_s over the at most P sources
+    s = t - P + 1 + k, k < P: each position's band is a window of the last P steps (`_window`, a view),
+    and the sum is one product over it.
     """
     bsz, T, h, p = x.shape
+    P = chunk_size  # also when T < P (the window's padding covers it): no branch on T in a compiled graph
     dA = dt * A  # [B, T, h]
-    rows = torch.arange(bsz, device=x.device)
     cid = cid.expand(bsz, T)
-    y = torch.zeros_like(x)
-    seg = torch.zeros_like(dA)  # log-decay from source t - j to t
-    final = x.new_zeros(bsz, h, p, Bm.shape[-1]) if last is not None else None
-    for j in range(min(chunk_size, T)):
-        if j:
-            seg = seg + _shift(dA, j - 1)
-        same = torch.zeros(bsz, T, dtype=x.dtype, device=x.device)
-        same[:, j:] = (cid[:, j:] == cid[:, : T - j]).to(x.dtype)
-        xj, Bj, dtj = _shift(x, j), _shift(Bm, j), _shift(dt, j)
-        w = (Cm * Bj).sum(-1)[..., None] * torch.exp(seg) * dtj * same[..., None]  # [B, T, h]
-        y = y + w[..., None] * xj
-        if last is not None:
-            wl = torch.exp(seg[rows, last]) * dtj[rows, last] * same[rows, last][:, None]  # [B, h]
-            final = final + (wl[..., None] * xj[rows, last])[..., None] * Bj[rows, last][:, None, None, :]
+    same = (_window(cid, P, -1) == cid[..., None]).to(x.dtype)  # [B, T, P]: the source is in t's chunk
+    dA_w = _window(dA, P)  # [B, T, h, P]
+    seg = dA_w.flip(-1).cumsum(-1).flip(-1) - dA_w  # log-decay from source k to t: dA over k+1 .. P-1
+    decay = torch.exp(seg) * _window(dt, P) * same[:, :, None]  # [B, T, h, P]
+    cb = torch.einsum("btn,btnk->btk", Cm, _window(Bm, P))  # C_t . B_s
+    y = torch.einsum("bthk,bthpk->bthp", decay * cb[:, :, None], _window(x, P))
+    final = None
+    if last is not None:
+        rows = torch.arange(bsz, device=x.device)
+        final = torch.einsum("bhk,bhpk,bnk->bhpn", decay[rows, last], _window(x, P)[rows, last],
+                             _window(Bm, P)[rows, last])
     if init_state is not None:
         decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype).expand(bsz, T)[..., None]  # [B, T, h]
         y = y + torch.einsum("bhpn,btn->bthp", init_state, Cm) * decay0[..., None]
@@ -157,7 +158,7 @@ class ChunkSSM(nn.Module):
         )
 
     def forward(
-        self, u: Tensor, pos: Tensor, chunk_size: int, offset: int,
+        self, u: Tensor, pos: Tensor, chunk_size: int, offset: int | Tensor,
         state: SSMState | None = None, last: Tensor | None = None, mamba: bool = False,
     ) -> tuple[Tensor, SSMState | None]:
         """Whole-sequence pass. u: [B, T, d] at consecutive positions pos: [T] (shared by the rows)
@@ -206,7 +207,8 @@ class ChunkSSM(nn.Module):
             new_state = SSMState(conv=conv.contiguous(), ssm=final)
         return self._output(y, z), new_state
 
-    def _forward_mamba(self, z: Tensor, xbc: Tensor, dt: Tensor, pos: Tensor, chunk_size: int, offset: int) -> Tensor:
+    def _forward_mamba(self, z: Tensor, xbc: Tensor, dt: Tensor, pos: Tensor, chunk_size: int,
+                       offset: int | Tensor) -> Tensor:
         """The same pass through mamba-ssm's CUDA kernels (whole sequences, no state returned)."""
         bsz, T, _ = xbc.shape
         E, N = self.d_inner, self.d_state

@@ -1,6 +1,7 @@
-"""The CPU decode step compiled by torch.compile (engine/compiled_decode.py) against the eager step: the same
-greedy tokens and log-probabilities, padding rows that store nothing outside the pools' sinks, one graph per
-batch size. The rest of the suite runs this path with torch.compile off (tests/conftest.py)."""
+"""The CPU decode step compiled by torch.compile (engine/compiled_decode.py) and the prefill's compiled layers
+(engine/compiled_prefill.py) against the eager engine: the same greedy tokens and log-probabilities, padding rows
+that store nothing outside the pools' sinks, one graph per batch size. The rest of the suite runs these paths with
+torch.compile off (tests/conftest.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from engine.compiled_decode import CompiledDecode
 from engine.cuda_graphs import sizes_up_to
 from conftest import ENGINE
 
-PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the word"]
+PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the word and the word was with the cat"]
 
 
 @pytest.fixture
@@ -29,10 +30,13 @@ def _generate(llm: LLM, prompts: list[str]) -> list[tuple[list[int], list[float]
 
 
 def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile_on) -> None:
-    kw = dict(**ENGINE, block_size=2, max_model_len=64, max_num_seqs=4, enable_prefix_caching=False)
+    # prefill chunks of at most 6 tokens: chunks of several rows and of one, fresh and continuing a sequence
+    kw = dict(**ENGINE, block_size=2, max_model_len=64, max_num_seqs=4, enable_prefix_caching=False,
+              max_num_batched_tokens=6)
     eager, compiled = LLM(tiny_ckpt, enforce_eager=True, **kw), LLM(tiny_ckpt, **kw)
     step = compiled.engine.runner.graphs
     assert eager.engine.runner.graphs is None and isinstance(step, CompiledDecode)
+    assert eager.engine.runner.halves is None and compiled.engine.runner.halves is not None
     assert step.sizes == sizes_up_to(4) == (1, 2, 4) and set(step.compile_s) == {1, 2, 4}
     r = compiled.engine.runner  # warming every size up ran padding rows only: nothing outside the sinks
     assert not r.k_pool[:, :-1].any() and not r.v_pool[:, :-1].any()

@@ -127,13 +127,15 @@ def test_weighted_distillation_loss() -> None:
     with torch.no_grad():
         student.blocks[0].attn.wq.weight.add_(0.1)
     batch = torch.randint(0, 50, (2, 11))
-    plain, kl, ce = distillation_loss(teacher, student, batch, 0.5)
-    ones, kl1, ce1 = distillation_loss(teacher, student, batch, 0.5, torch.ones(2, 10))
+    plain, st = distillation_loss(teacher, student, batch, 0.5)
+    kl, ce = st["kl"], st["ce"]
+    ones, _ = distillation_loss(teacher, student, batch, 0.5, torch.ones(2, 10))
     torch.testing.assert_close(plain, ones)
     assert kl > 0 and abs(kl + 0.5 * ce - float(plain.detach())) < 1e-4
     only_first = torch.zeros(2, 10)
     only_first[0, 0] = 1.0  # all weight on one token: its KL and CE alone
-    _, kl_one, ce_one = distillation_loss(teacher, student, batch, 0.5, only_first)
+    _, st = distillation_loss(teacher, student, batch, 0.5, only_first)
+    kl_one, ce_one = st["kl"], st["ce"]
     t = torch.log_softmax(teacher(batch[:1, :1]), -1)[0, 0].detach()
     s = torch.log_softmax(student(batch[:1, :1]), -1)[0, 0].detach()
     assert abs(kl_one - float((t.exp() * (t - s)).sum())) < 1e-4
@@ -264,8 +266,11 @@ def test_corrected_target_replaces_a_wrong_teacher_only() -> None:
         only = torch.zeros(1, 5)
         only[0, pos] = 1.0
         truth = only.bool()
-        _, kl_plain, ce = distillation_loss(teacher, student, batch, 0.0, only)
-        _, kl_fixed, _ = distillation_loss(teacher, student, batch, 0.0, only, truth)
+        _, plain = distillation_loss(teacher, student, batch, 0.0, only, truth)
+        _, fixed = distillation_loss(teacher, student, batch, 0.0, only, truth, corrected=True)
+        kl_plain, ce, kl_fixed = plain["kl"], plain["ce"], fixed["kl"]
+        assert fixed["teacher_recall_acc"] == float(teacher_right)
+        assert fixed["recall_acc"] == float(int(s[pos].argmax()) == int(batch[0, pos + 1]))
         if teacher_right:  # the teacher's distribution stays the target
             assert kl_fixed == pytest.approx(kl_plain)
         else:  # the stated token is the target: the term is its cross-entropy

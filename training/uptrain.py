@@ -197,11 +197,13 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
 
 
 def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float, weights: Tensor | None = None,
-                      truth: Tensor | None = None) -> tuple[Tensor, float, float]:
+                      answers: Tensor | None = None, corrected: bool = False) -> tuple[Tensor, dict[str, float]]:
     """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE, averaged with the
-    per-token weights [B, T] (default all 1); returns (loss, kl, ce). Where the bool mask `truth` [B, T] marks a
-    target known to be right and the teacher's argmax is another token, the teacher's distribution gives way to
-    the target itself (KL to a one-hot target is the cross-entropy)."""
+    per-token weights [B, T] (default all 1); returns (loss, stats). The bool mask `answers` [B, T] marks recall
+    answers, targets known to be right: with `corrected`, where the teacher's argmax there is another token, the
+    teacher's distribution gives way to the target itself (KL to a one-hot target is the cross-entropy). stats
+    holds kl and ce and, when the batch has answers, how many of their tokens the student's and the teacher's
+    argmax get right (recall_acc, teacher_recall_acc): each row's facts are new, so this is a held-out score."""
     inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].flatten()
     w = torch.ones(targets.shape, device=batch.device) if weights is None else weights.flatten()
     w = w / w.sum()
@@ -210,10 +212,16 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
     s_logp = F.log_softmax(student(inputs).flatten(0, 1).float(), -1)
     nll = F.nll_loss(s_logp, targets, reduction="none")
     per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
-    if truth is not None:
-        per_token = torch.where(truth.flatten() & (t_logp.argmax(-1) != targets), nll, per_token)
+    teacher_right = t_logp.argmax(-1) == targets
+    if corrected and answers is not None:
+        per_token = torch.where(answers.flatten() & ~teacher_right, nll, per_token)
     kl, ce = (per_token * w).sum(), (nll * w).sum()
-    return kl + ce_weight * ce, kl.item(), ce.item()
+    stats = {"kl": kl.item(), "ce": ce.item()}
+    if answers is not None and answers.any():
+        mask = answers.flatten()
+        stats["recall_acc"] = (s_logp.detach().argmax(-1) == targets)[mask].float().mean().item()
+        stats["teacher_recall_acc"] = teacher_right[mask].float().mean().item()
+    return kl + ce_weight * ce, stats
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -347,9 +355,9 @@ class Run:
                 if self.stage == 1:
                     loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
                 else:
-                    truth = answers if uc.recall_target == "corrected" else None
-                    loss, record["kl"], record["ce"] = distillation_loss(self.teacher, self.student, batch,
-                                                                         uc.ce_weight, weights, truth)
+                    loss, stats = distillation_loss(self.teacher, self.student, batch, uc.ce_weight, weights,
+                                                    answers, uc.recall_target == "corrected")
+                    record.update(stats)
             loss.backward()
             if sizes:
                 self.student.set_chunk_size(uc.chunk_size)  # what the export and every check between steps see

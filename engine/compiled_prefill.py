@@ -1,0 +1,58 @@
+"""The CPU prefill's layers compiled by torch.compile (Inductor's C++ backend) with dynamic shapes: time to
+first token.
+
+Eagerly, a prefill chunk's layer is ~800 small ops around its matrix products (the SSMs' banded form, norms,
+RoPE, casts between bf16 and fp32); Inductor fuses them (a 1k-token prompt: ~13 % more tokens/s, docs/cpu.md).
+Regional, as the decode step (engine/compiled_decode.py): Block.project (the norm, q/k/v, the SSMs, RoPE) is
+one graph and Block.finish (wo, the residuals, the FFN) another, shared by every layer: the weights are
+inputs, and the layer's chunk offset is a 0-d tensor, so layers cut at different offsets share a graph (an
+int would be a constant of it). The paged attention between the halves stays eager (it reads how many
+boundary entries to gather on the host).
+
+Rows and tokens are dynamic sizes; dynamo gives a size of 1 its own graph, so a chunk of one row and one of
+several are two variants of each half, compiled at start-up on zero inputs (a few seconds each once
+Inductor's cache on disk has them). Block.project always gets SSM states (zero for a fresh row, which gives
+the same result), so a fresh chunk and one that continues a sequence share a graph. A one-token chunk runs
+eagerly.
+`--enforce-eager` turns it off; TORCH_COMPILE_DISABLE=1 runs the same calls eagerly (the test suite).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from models.lm import LM, Block, BlockHalves, LayerSSMState
+
+log = logging.getLogger("attamba.engine")
+
+# as the decode graph's (engine/compiled_decode.py): no size and scalar checks in the Python wrapper
+INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False}
+WARM_UP_TOKENS = 16  # any length of 2 or more: lengths share the graph
+
+
+def compile_halves(model: LM) -> BlockHalves:
+    """Block.project and Block.finish compiled once for every layer (not yet run: see warm_up); the methods
+    themselves, called the same way, when PyTorch's switch (TORCH_COMPILE_DISABLE=1) turns compiling off."""
+    def compile_(fn):
+        return fn if torch._dynamo.config.disable else \
+            torch.compile(fn, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
+
+    device = model.embed.weight.device
+    offsets = tuple(torch.tensor(blk.attn.spec.offset, device=device) for blk in model.blocks)
+    return BlockHalves(compile_(Block.project), compile_(Block.finish), offsets)
+
+
+@torch.no_grad()
+def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | None) -> float:
+    """Compile the graphs a chunk of `rows` rows runs, on zero inputs through layer 0 (state: layer 0's SSM
+    states of those rows, for a model with SSMs); returns the seconds it took."""
+    t0 = time.perf_counter()
+    cfg, blk, device = model.config, model.blocks[0], model.embed.weight.device
+    x = torch.zeros(rows, WARM_UP_TOKENS, cfg.d_model, dtype=model.embed.weight.dtype, device=device)
+    pos = torch.arange(WARM_UP_TOKENS, device=device).repeat(rows, 1)  # [rows, T], contiguous as the engine's
+    last = torch.full((rows,), WARM_UP_TOKENS - 1, device=device)
+    q, _, _, _ = halves.project(blk, x, pos, state, last, False, halves.offsets[0])
+    halves.finish(blk, x, torch.zeros_like(q))
+    return time.perf_counter() - t0
