@@ -75,7 +75,7 @@ def ssd_banded(
     Returns y [B, T, h, p] and the final state [B, h, p, N] (or None).
 
     Within a chunk y_t = sum_s C_t.B_s exp(sum_{r in (s, t]} dt_r A) dt_s x_s over the at most P sources
-    s = t - P + 1 + k, k < P: each position's band is a window of the last P steps (`_window`, a view),
+    s = t - P + 1 + k, k < P: each position's band is a window of the last P steps (`_window`),
     and the sum is one product over it.
     """
     bsz, T, h, p = x.shape
