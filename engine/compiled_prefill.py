@@ -12,8 +12,8 @@ boundary entries to gather on the host).
 Rows and tokens are dynamic sizes; dynamo gives a size of 1 its own graph, so a chunk of one row and one of
 several are two variants of each half, compiled at start-up on zero inputs (a few seconds each once
 Inductor's cache on disk has them). Block.project always gets SSM states (zero for a fresh row, which gives
-the same result), so a fresh chunk and one that continues a sequence share a graph. A one-token chunk runs
-eagerly.
+the same result), so a fresh chunk and one that continues a sequence share a graph. Tiny chunks run eagerly
+(`runs_compiled`).
 `--enforce-eager` turns it off; TORCH_COMPILE_DISABLE=1 runs the same calls eagerly (the test suite).
 """
 from __future__ import annotations
@@ -24,12 +24,15 @@ import time
 import torch
 
 from models.lm import LM, Block, BlockHalves, LayerSSMState
+from models.upcast import NATIVE_ROWS
 
 log = logging.getLogger("attamba.engine")
 
 # as the decode graph's (engine/compiled_decode.py): no size and scalar checks in the Python wrapper
 INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False}
-WARM_UP_TOKENS = 16  # any length of 2 or more: lengths share the graph
+# any length of 2 or more (lengths share the graph), but one equal to none of the model's sizes: tracing with a
+# length equal to, say, the SSM state's size let an op compare the two and specialise the graph to that length
+WARM_UP_TOKENS = 37
 
 
 def compile_halves(model: LM) -> BlockHalves:
@@ -56,3 +59,10 @@ def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | No
     q, _, _, _ = halves.project(blk, x, pos, state, last, False, halves.offsets[0])
     halves.finish(blk, x, torch.zeros_like(q))
     return time.perf_counter() - t0
+
+
+def runs_compiled(rows: int, tokens: int) -> bool:
+    """Whether a prefill chunk of rows x tokens runs the compiled halves. Not a chunk of one token (dynamo would
+    specialise the length to 1) nor one of at most NATIVE_ROWS tokens in all, where a bf16 linear takes its other
+    branch (models/upcast.py): either would compile another graph while serving. Such chunks cost little eagerly."""
+    return tokens > 1 and rows * tokens > NATIVE_ROWS

@@ -29,7 +29,7 @@ from models.ssm import SSMState
 
 from .cache_layout import CacheLayout
 from .compiled_decode import CompiledDecode
-from .compiled_prefill import compile_halves, warm_up
+from .compiled_prefill import compile_halves, runs_compiled, warm_up
 from .cuda_graphs import DecodeGraphs, sizes_up_to
 from .sequence import Sequence
 
@@ -134,7 +134,7 @@ class ModelRunner:
             self.spec, torch.tensor([seq.num_computed for seq, _ in work], device=dev),
             torch.tensor([n for _, n in work], device=dev), slots, self._tables([seq for seq, _ in work]),
             self.win_pos, self.block_size, T)
-        halves = self.halves if T > 1 else None  # a one-token chunk runs eagerly (engine/compiled_prefill.py)
+        halves = self.halves if runs_compiled(len(work), T) else None
         # the compiled halves always take states (zero for fresh rows, the same result): one graph, not two
         states = self._ssm_states(slots, torch.tensor(fresh, device=dev)) \
             if self.cfg.has_ssm and (halves or not all(fresh)) else None

@@ -95,7 +95,8 @@ def ssd_banded(
                              _window(Bm, P)[rows, last])
     if init_state is not None:
         decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype).expand(bsz, T)[..., None]  # [B, T, h]
-        y = y + torch.einsum("bhpn,btn->bthp", init_state, Cm) * decay0[..., None]
+        # C_t applied to the state as a batched product (einsum here made a compiled graph compare T with N)
+        y = y + (init_state.flatten(1, 2) @ Cm.transpose(1, 2)).transpose(1, 2).view(bsz, T, h, p) * decay0[..., None]
         if last is not None:
             final = final + init_state * (decay0[rows, last])[:, :, None, None]
     return y, final
