@@ -338,14 +338,11 @@ class LM(nn.Module):
         pos = pos + (start[:, None] if isinstance(start, Tensor) else start)
         x = self.embed(input_ids)
         new_states = []
+        project, finish = (halves.project, halves.finish) if halves else (Block.project, Block.finish)
         for i, blk in enumerate(self.blocks):
-            state = states[i] if states else None
-            if halves is None:
-                q, k, v, st = blk.project(x, pos, state, last, mamba)
-                x = blk.finish(x, attend(i, q, k, v, pos))
-            else:
-                q, k, v, st = halves.project(blk, x, pos, state, last, mamba, halves.offsets[i])
-                x = halves.finish(blk, x, attend(i, q, k, v, pos))
+            offset = halves.offsets[i] if halves else None  # None: the layer's own
+            q, k, v, st = project(blk, x, pos, states[i] if states else None, last, mamba, offset)
+            x = finish(blk, x, attend(i, q, k, v, pos))
             new_states.append(st)
         return x, (new_states if self.config.has_ssm and last is not None else None)
 

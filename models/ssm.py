@@ -86,13 +86,13 @@ def ssd_banded(
     dA_w = _window(dA, P)  # [B, T, h, P]
     seg = dA_w.flip(-1).cumsum(-1).flip(-1) - dA_w  # log-decay from source k to t: dA over k+1 .. P-1
     decay = torch.exp(seg) * _window(dt, P) * same[:, :, None]  # [B, T, h, P]
-    cb = torch.einsum("btn,btnk->btk", Cm, _window(Bm, P))  # C_t . B_s
-    y = torch.einsum("bthk,bthpk->bthp", decay * cb[:, :, None], _window(x, P))
+    x_w, B_w = _window(x, P), _window(Bm, P)  # [B, T, h, p, P], [B, T, N, P]
+    cb = torch.einsum("btn,btnk->btk", Cm, B_w)  # C_t . B_s
+    y = torch.einsum("bthk,bthpk->bthp", decay * cb[:, :, None], x_w)
     final = None
     if last is not None:
         rows = torch.arange(bsz, device=x.device)
-        final = torch.einsum("bhk,bhpk,bnk->bhpn", decay[rows, last], _window(x, P)[rows, last],
-                             _window(Bm, P)[rows, last])
+        final = torch.einsum("bhk,bhpk,bnk->bhpn", decay[rows, last], x_w[rows, last], B_w[rows, last])
     if init_state is not None:
         decay0 = torch.exp(torch.cumsum(dA, 1)) * cont.to(x.dtype).expand(bsz, T)[..., None]  # [B, T, h]
         # C_t applied to the state as a batched product (einsum here made a compiled graph compare T with N)
