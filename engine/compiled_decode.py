@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,10 @@ from .cuda_graphs import padded_size
 log = logging.getLogger("attamba.engine")
 
 MIN_WIDTH = 2  # block tables are at least this wide: dynamo specialises a dynamic size of 0 or 1
+# The block-table width each graph is compiled (traced) at. Inductor takes the example's sizes as the hints by
+# which it decides which loops to run on several threads: traced at MIN_WIDTH, the attention's softmax over a
+# row's entries looked too small to split and ran on one thread at every context.
+HINT_WIDTH = 64
 # Inductor options for the decode graph (in one process against the defaults: 8k x 1 ~6-11 % faster, 1k within
 # the noise; docs/cpu.md):
 # its Python wrapper's size and scalar checks (~27 a layer call) and the bounds checks of indirect loads
@@ -43,6 +48,11 @@ MIN_WIDTH = 2  # block tables are at least this wide: dynamo specialises a dynam
 # recomputed for every key inside the attention's fused loop.
 INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False, "assert_indirect_indexing": False,
                     "realize_reads_threshold": 3}
+
+
+# The FFN's fp16 weights (models/upcast.py) put fp16 and bf16 into the small kernels around the FFN; Inductor warns
+# at every compile. The decode attention's kernel stays bf16 only.
+warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
 
 
 def _block_step(block: torch.nn.Module, x: Tensor, meta: LayerMetadata, cache: LayerCache) -> Tensor:
@@ -62,7 +72,7 @@ class CompiledDecode:
         self.compile_s: dict[int, float] = {}  # seconds each size took to compile (and warm up)
         for size in self.sizes:
             t0 = time.perf_counter()
-            meta = pad_decode_metadata(template, size, MIN_WIDTH)
+            meta = pad_decode_metadata(template, size, HINT_WIDTH)
             tokens = torch.zeros(size, dtype=torch.long, device=template.positions.device)
             self.blocks[size] = self._compile(tokens, meta) if compiling else list(model.blocks)
             self._run(tokens, meta)  # padding rows only

@@ -53,7 +53,7 @@ def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | No
     states of those rows, for a model with SSMs); returns the seconds it took."""
     t0 = time.perf_counter()
     cfg, blk, device = model.config, model.blocks[0], model.embed.weight.device
-    x = torch.zeros(rows, WARM_UP_TOKENS, cfg.d_model, dtype=model.embed.weight.dtype, device=device)
+    x = torch.zeros(rows, WARM_UP_TOKENS, cfg.d_model, dtype=model.dtype, device=device)
     pos = torch.arange(WARM_UP_TOKENS, device=device).repeat(rows, 1)  # [rows, T], contiguous as the engine's
     last = torch.full((rows,), WARM_UP_TOKENS - 1, device=device)
     q, _, _, _ = halves.project(blk, x, pos, state, last, False, halves.offsets[0])

@@ -279,6 +279,11 @@ class LM(nn.Module):
         for blk, spec in zip(self.blocks, CacheSpec.from_config(self.config).layers):
             blk.attn.cfg, blk.attn.spec = self.config, spec
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its linears' weights may be held in another: models/upcast.py)."""
+        return self.norm.weight.dtype
+
     def pack(self) -> "LM":
         """Pack every layer's decode weights (done once by the engine before serving)."""
         for blk in self.blocks:

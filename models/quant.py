@@ -59,19 +59,20 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module],
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module],
                     keep: Callable[[str, nn.Linear], bool]) -> int:
-    """Replace every bias-free nn.Linear for which keep(attribute name, linear) holds by make(linear); returns
+    """Replace every bias-free nn.Linear for which keep(attribute name, linear) holds by make(attribute name,
+    linear); returns
     how many (the weight formats of the engine: Int8Linear here, UpcastLinear in upcast.py)."""
     count = 0
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None and keep(attr, child):
-                setattr(parent, attr, make(child))
+                setattr(parent, attr, make(attr, child))
                 count += 1
     return count
 
 
 def quantize_linears(model: nn.Module, names: tuple[str, ...]) -> int:
     """Replace every nn.Linear whose attribute name is in `names` by its Int8Linear; returns how many."""
-    return replace_linears(model, lambda lin: Int8Linear.from_weight(lin.weight), lambda attr, _: attr in names)
+    return replace_linears(model, lambda _, lin: Int8Linear.from_weight(lin.weight), lambda attr, _: attr in names)

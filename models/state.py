@@ -107,7 +107,7 @@ def prefill(model: LM, input_ids: Tensor, lengths: Tensor | None = None,
     bsz, T = input_ids.shape
     dev = input_ids.device
     lengths = torch.full((bsz,), T, device=dev) if lengths is None else lengths.to(dev)
-    kv_dtype = kv_dtype or model.embed.weight.dtype
+    kv_dtype = kv_dtype or model.dtype
     layers: list[LayerKV] = []
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:

@@ -7,7 +7,15 @@ against fp32's 350. `UpcastLinear` keeps its weight in bf16 and computes a produ
 rows in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native bf16 product
 does (fp32 accumulation, one rounding). Each chunk's fp32 copy stays within CHUNK_BYTES: the head's whole
 fp32 copy (113 MB) took ~4x longer than the product itself, fresh pages on every call.
-`F.linear` on the same tensors is the slow, obviously correct twin.
+
+The weights of the FFN and the head (HALF_LINEARS, ~80 % of the bytes a decode step reads) are held as fp16
+(HALF), not bf16: every bf16 value within fp16's range is an fp16 value too (bar
+the rounding of subnormals below 6e-5: an absolute error under 3e-8), and on such a CPU fp16's matrix-vector
+product streams ~15-25 % faster than bf16's (one F16C conversion instead of bf16's shift; docs/cpu.md). A
+matrix-vector product converts its few input rows to fp16 (exact within range), accumulates in fp32, rounds to
+fp16 and then to bf16. A weight with a value outside fp16's range stays bf16. The tied head and embedding share
+the fp16 matrix; HalfEmbedding returns its rows as bf16 (exactly the bf16 values loaded).
+`F.linear` on the bf16 tensors is the slow, obviously correct twin.
 """
 from __future__ import annotations
 
@@ -17,21 +25,27 @@ from torch import Tensor, nn
 
 from .quant import replace_linears
 
-NATIVE_ROWS = 3  # products of up to this many rows stay bf16 matrix-vector products (the decode of small batches)
+HALF = torch.float16  # how the weights of HALF_LINEARS are held (module docstring)
+# The FFN's and the head's: their products feed only small kernels. The attention's inputs and output stay bf16:
+# Inductor does not vectorise a fused kernel that mixes fp16 and bf16, and the decode attention's kernel (RoPE,
+# the cache writes, the SSM step, the softmax) then ran 3.7x slower.
+HALF_LINEARS = ("w1", "w3", "w2", "head")
+NATIVE_ROWS = 3  # products of up to this many rows stay matrix-vector products (the decode of small batches)
 CHUNK_BYTES = 8 << 20  # the fp32 copy of one chunk of weight rows: small enough to stay in the CPU's cache
 
 
 def upcast_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x W^T for bf16 x [..., K] and W [N, K]: in bf16 for up to NATIVE_ROWS rows, else in fp32 by chunks."""
+    """x W^T for bf16 x [..., K] and W [N, K] (fp16 or bf16): in W's dtype for up to NATIVE_ROWS rows, else in
+    fp32 by chunks; bf16 out."""
     if x.numel() <= NATIVE_ROWS * x.shape[-1]:
-        return F.linear(x, w)
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
     xf = x.float()
     rows = max(1, CHUNK_BYTES // (4 * w.shape[1]))
     return torch.cat([F.linear(xf, part.float()) for part in w.split(rows)], -1).to(x.dtype)
 
 
 class UpcastLinear(nn.Module):
-    """A bias-free bf16 linear whose matrix-matrix products run in fp32 (see the module docstring)."""
+    """A bias-free linear of a bf16 model whose matrix-matrix products run in fp32 (see the module docstring)."""
 
     def __init__(self, weight: nn.Parameter) -> None:
         super().__init__()
@@ -42,6 +56,38 @@ class UpcastLinear(nn.Module):
         return upcast_linear(x, self.weight)
 
 
+class HalfEmbedding(nn.Module):
+    """An embedding whose table is held as fp16 (shared with a tied UpcastLinear head); rows come out as `dtype`."""
+
+    def __init__(self, weight: nn.Parameter, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight, self.dtype = weight, dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype)
+
+
+def fits_half(w: Tensor) -> bool:
+    """Whether every value of w is finite and within fp16's range (so w.to(HALF) loses nothing that matters)."""
+    w = w.detach()
+    return bool(w.isfinite().all()) and float(w.abs().max()) <= torch.finfo(HALF).max
+
+
 def upcast_linears(model: nn.Module) -> int:
-    """Replace every bias-free bf16 nn.Linear by an UpcastLinear holding its weight; returns how many."""
-    return replace_linears(model, lambda lin: UpcastLinear(lin.weight), lambda _, lin: lin.weight.dtype == torch.bfloat16)
+    """Replace every bias-free bf16 nn.Linear by an UpcastLinear holding its weight, held as fp16 for the
+    HALF_LINEARS where it fits (a tied embedding too, then a HalfEmbedding); returns how many linears."""
+    half: dict[int, nn.Parameter] = {}
+
+    def make(attr: str, lin: nn.Linear) -> UpcastLinear:
+        if attr in HALF_LINEARS:
+            half[id(lin.weight)] = lin.weight
+        return UpcastLinear(lin.weight)
+
+    count = replace_linears(model, make, lambda _, lin: lin.weight.dtype == torch.bfloat16)
+    for w in half.values():
+        if fits_half(w):
+            w.data = w.data.to(HALF)  # in place: a Parameter shared with the embedding changes with it
+    embed = getattr(model, "embed", None)
+    if isinstance(embed, nn.Embedding) and embed.weight.dtype == HALF:
+        model.embed = HalfEmbedding(embed.weight, torch.bfloat16)
+    return count

@@ -15,7 +15,7 @@ from models.tokenizer import Tokenizer
 from server.chat import ChatTemplate
 from tests.conftest import SAMPLE, make_checkpoint
 from training.long_eval import chat_accuracy, greedy_batch, passkey_prompts, recall_row_prompts
-from training.lora import LoRALinear, add_lora, lora_factors, parse_targets
+from training.lora import LoRALinear, add_lora, load_lora_factors, lora_factors, parse_targets
 from training.mixture import DRILL, Mixture, MixtureConfig
 from training.uptrain import UptrainConfig, distillation_loss, is_ssm, is_trainable
 
@@ -39,13 +39,29 @@ def test_lora_starts_as_the_base_and_trains_only_its_factors() -> None:
         parse_targets("wq,ffn")
 
 
+def test_lora_factors_of_fewer_targets_load_and_the_rest_start_at_the_base() -> None:
+    old = _tiny()
+    add_lora(old, ("wq",), rank=4, alpha=8.0)
+    for name, p in old.named_parameters():
+        if name.endswith(".lora_b"):
+            torch.nn.init.normal_(p, std=0.05)
+    new = _tiny()
+    add_lora(new, parse_targets("wq,w2"), rank=4, alpha=8.0)
+    assert isinstance(new.blocks[0].ffn.w2, LoRALinear)
+    load_lora_factors(new, lora_factors(old))
+    ids = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(new(ids), old(ids))  # wq's factors carried over, w2's B still zero
+    with pytest.raises(ValueError, match="do not match"):
+        load_lora_factors(old, lora_factors(new))  # w2 has no adapter in `old`
+
+
 def test_adapters_merge_into_the_weights_at_load(tmp_path, tokenizer_file) -> None:
     base = make_checkpoint(tmp_path, tokenizer_file, "transformer", n_kv_heads=2)
     cfg = ModelConfig.load(base).replace(kind="attamba", kv_skip="proj", ssm_state=4, ssm_inner=8, ssm_heads=2,
                                          base_model=str(base))
     student = build_model(cfg, seed=1)
     student.load_state_dict(load_model(base).state_dict(), strict=False)
-    add_lora(student, ("wq", "wo", "wv"), rank=3, alpha=6.0)
+    add_lora(student, ("wq", "wo", "wv", "w1", "w2"), rank=3, alpha=6.0)
     for name, p in student.named_parameters():
         if name.endswith(".lora_b"):
             torch.nn.init.normal_(p, std=0.05)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TARGETS = ("wq", "wk", "wv", "wo")  # the attention projections an adapter may sit on
+# The projections an adapter may sit on, and the block sub-module that holds each.
+TARGETS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w1": "ffn", "w2": "ffn", "w3": "ffn"}
 
 
 class LoRALinear(nn.Linear):
@@ -46,15 +47,16 @@ def parse_targets(spec: str) -> tuple[str, ...]:
 
 
 def add_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float) -> list[nn.Parameter]:
-    """Replace every block's attention projections named in `targets` by LoRALinear; returns the new parameters."""
+    """Replace every block's projections named in `targets` by LoRALinear; returns the new parameters."""
     params = []
     for blk in model.blocks:
         for name in targets:
-            lin = getattr(blk.attn, name)
+            holder = getattr(blk, TARGETS[name])
+            lin = getattr(holder, name)
             if isinstance(lin, LoRALinear):
                 raise ValueError(f"{name} already has an adapter")
             adapted = LoRALinear(lin, rank, alpha)
-            setattr(blk.attn, name, adapted)
+            setattr(holder, name, adapted)
             params += [adapted.lora_a, adapted.lora_b]
     return params
 
@@ -69,15 +71,18 @@ def lora_factors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_lora_factors(model: nn.Module, factors: dict[str, Tensor]) -> None:
-    """Set every adapter from factors as lora_factors names them (A, scale * B); the inverse of lora_factors.
-    Raises ValueError unless they are exactly this model's adapters with the same shapes."""
+    """Set adapters from factors as lora_factors names them (A, scale * B); the inverse of lora_factors.
+    The factors may cover a subset of the model's adapters (an earlier run with fewer targets): the others keep
+    B = 0, so they start as their base. Raises ValueError for a factor with no adapter or another shape."""
     mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
-    want = {f"{name}.lora_{x}" for name in mods for x in "ab"}
-    bad = sorted(set(factors) ^ want) or [k for k in factors if factors[k].shape != model.get_submodule(
+    have = {f"{name}.lora_{x}" for name in mods for x in "ab"}
+    bad = sorted(set(factors) - have) or [k for k in factors if factors[k].shape != model.get_submodule(
         k.rsplit(".", 1)[0]).get_parameter(k.rsplit(".", 1)[1]).shape]
     if bad:
         raise ValueError(f"the stored adapters do not match this model's (targets or rank differ: {bad[:3]})")
     with torch.no_grad():
         for name, mod in mods.items():
+            if f"{name}.lora_a" not in factors:
+                continue
             mod.lora_a.copy_(factors[f"{name}.lora_a"])
             mod.lora_b.copy_(factors[f"{name}.lora_b"] / mod.scale)

@@ -93,7 +93,7 @@ class UptrainConfig:
     init_from: str | None = setting(None, "a student checkpoint whose SSM weights start this run", metavar="DIR")
     lora_rank: int = setting(0, "rank of the stage-2 low-rank adapters (0: none)")
     lora_alpha: float = setting(16.0, "adapter scale numerator (the update is alpha / rank x B A)")
-    lora_targets: str = setting("wq,wo", "comma-separated projections that get adapters")
+    lora_targets: str = setting("wq,wo", "comma-separated projections that get adapters (wq wk wv wo w1 w2 w3)")
     lr_lora: float = setting(2e-4, "stage-2 peak learning rate of the adapters")
     chat_frac: float = setting(0.0, "stage-2 rows that are packed chats (needs the wiki-summaries source)")
     teacher_chats: bool = setting(False, "half the chats are the teacher's own answers to training/teacher_chats.py's "
@@ -272,7 +272,7 @@ class Run:
         if self.uc.lora_rank and not self.lora_params:
             self.lora_params = add_lora(self.student, parse_targets(self.uc.lora_targets), self.uc.lora_rank,
                                         self.uc.lora_alpha)
-            if self.init_lora:  # init_from's adapters (same targets and rank), stored with the scale in B
+            if self.init_lora:  # init_from's adapters (same rank, its targets among ours), the scale in B
                 load_lora_factors(self.student, self.init_lora)
 
     def _optimizer(self) -> torch.optim.AdamW:
