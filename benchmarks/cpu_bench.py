@@ -33,17 +33,22 @@ from .engine_bench import decode_step_ops, filled_engine
 from .smollm2_bench import MODEL, _machine, engine_ttft, hf_decode, hf_model
 
 LLAMA_DIR = Path("build/llama.cpp")
+REPETITIONS = 2  # runs averaged per measurement, ours and llama-bench's (-r) alike
 
 
 def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> tuple[float, float | None]:
-    """This engine's decode tokens/s at a batch and (synthetic) context, and the seconds its compiled decode
-    step took to compile at start-up for that batch size (None: eager)."""
-    engine = filled_engine(model_dir, batch, ctx, steps, **engine_kw)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
+    """This engine's decode tokens/s at a batch and (synthetic) context, the mean of REPETITIONS runs of `steps`
+    (as llama-bench averages its repetitions), and the seconds its compiled decode step took to compile at
+    start-up for that batch size (None: eager)."""
+    engine = filled_engine(model_dir, batch, ctx, steps * REPETITIONS, **engine_kw)
+    rates = []
+    for _ in range(REPETITIONS):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        rates.append(batch * steps / (time.perf_counter() - t0))
     compiled = getattr(engine.runner.graphs, "compile_s", None)
-    return batch * steps / (time.perf_counter() - t0), (round(compiled[batch], 1) if compiled else None)
+    return sum(rates) / len(rates), (round(compiled[batch], 1) if compiled else None)
 
 
 def _run_json(cmd: list[str]) -> list[dict]:
@@ -59,9 +64,9 @@ def llama_bench(tools: Path, gguf: Path, contexts: list[int], steps: int, prefil
     """Batch-1 decode tokens/s after each context (llama-bench -d), and prompt tokens/s for `prefill` tokens."""
     depth = ",".join(map(str, contexts))
     decode = _run_json([str(tools / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(steps), "-d", depth,
-                        "-t", str(threads), "-r", "2", "-o", "json"])
+                        "-t", str(threads), "-r", str(REPETITIONS), "-o", "json"])
     prompt = _run_json([str(tools / "llama-bench"), "-m", str(gguf), "-p", str(prefill), "-n", "0",
-                        "-t", str(threads), "-r", "2", "-o", "json"])
+                        "-t", str(threads), "-r", str(REPETITIONS), "-o", "json"])
     out = {int(r["n_depth"]): round(float(r["avg_ts"]), 2) for r in decode}
     return {"decode": out, "prefill_tokens_per_s": round(float(prompt[0]["avg_ts"]), 1)}
 
