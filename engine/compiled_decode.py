@@ -84,11 +84,11 @@ class CompiledDecode:
     def _compile(self, tokens: Tensor, meta: DecodeMetadata) -> list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]]:
         """One graph for every layer at this batch size, each layer's call bound to its weights."""
         torch._dynamo.mark_dynamic(meta.block_tables, 1)
-        blocks, caches, x = self.model.blocks, self.caches, self.model.embed(tokens)
+        blocks, caches, metas, x = self.model.blocks, self.caches, meta.layers(), self.model.embed(tokens)
         step = torch.compile(_block_step, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS).aot_compile(
-            ((blocks[0], x, meta.layer(0), caches[0]), {}))
-        for l, (block, cache) in enumerate(zip(blocks, caches)):
-            if not step.guard_check(block, x, meta.layer(l), cache):
+            ((blocks[0], x, metas[0], caches[0]), {}))
+        for l, (block, layer_meta, cache) in enumerate(zip(blocks, metas, caches)):
+            if not step.guard_check(block, x, layer_meta, cache):
                 raise RuntimeError(f"layer {l} differs from layer 0: one compiled decode graph cannot serve both")
         step.disable_guard_check()
         return [functools.partial(step, block) for block in blocks]

@@ -310,8 +310,8 @@ class LM(nn.Module):
         """One token per row: tokens [B] -> logits [B, V], through the paged pools (call pack() first).
         blocks: what runs each Block.forward (the compiled blocks of engine/compiled_decode.py)."""
         x = self.embed(tokens)
-        for l, (blk, cache) in enumerate(zip(blocks or self.blocks, caches)):
-            x = blk(x, meta.layer(l), cache)
+        for blk, layer_meta, cache in zip(blocks or self.blocks, meta.layers(), caches):
+            x = blk(x, layer_meta, cache)
         return self.logits(x)
 
     def prefill(self, input_ids: Tensor, meta: PrefillMetadata, caches: list[LayerCache],

@@ -64,10 +64,10 @@ class DecodeMetadata:
     cos: Tensor  # [B, 1, D] RoPE tables at positions
     sin: Tensor
 
-    def layer(self, l: int) -> "LayerMetadata":
-        """What layer l's decode reads: the shared fields and its rows of the per-layer ones (views)."""
-        return LayerMetadata(self.slots, self.block_tables, self.win_store, self.cos, self.sin, self.reset[l],
-                             self.bnd_store[l], self.bnd_count[l], self.win_mask[l])
+    def layers(self) -> list["LayerMetadata"]:
+        """What each layer's decode reads: the shared fields and its rows of the per-layer ones (views)."""
+        return [LayerMetadata(self.slots, self.block_tables, self.win_store, self.cos, self.sin, *rows)
+                for rows in zip(*(t.unbind(0) for t in (self.reset, self.bnd_store, self.bnd_count, self.win_mask)))]
 
 
 @dataclass
