@@ -1,0 +1,160 @@
+"""What the compressed cache keeps: linear probes on the boundary entries an Attamba layer caches (issue 19).
+
+Beyond the window, a layer keeps one K and one V per chunk: the entry at the chunk's last token, whose SSM part
+summarises the chunk's P tokens (the SSMs restart at every chunk). Five-digit numbers are placed in WikiText-2
+test text; each digit token is a sample whose features are the cached entry (K with its RoPE undone, and V) of
+the chunk that holds it, in one layer, labelled with the digit and its distance to that entry (0 .. P-1). A
+ridge probe per layer and distance (one-hot targets; fitted on half the sequences, its penalty chosen on a
+quarter, scored on the rest) says how well a linear read-out finds the digit in the entry: 0.1 is chance, and
+distance 0 is the entry's own token, there through the skip (Wk u, Wv u). The same for the student with its
+SSMs at zero (the teacher restricted to the pattern): what an entry carries of its chunk through the residual
+stream alone.
+
+    python -m training.cache_probe --student checkpoints/attamba-smollm2-p8-l64 --out docs/cache-probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from models.attention import block_attention
+from models.layers import apply_rope
+from models.lm import LM
+from models.loading import load_model
+from models.registry import resolve_model
+from models.tokenizer import Tokenizer
+
+from .data import encode_corpus, read_split
+from .uptrain import build_student
+
+PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalties tried, times the mean of diag(X^T X)
+
+
+def probe_sequences(tokenizer: Tokenizer, text_ids: Tensor, n: int, length: int, numbers: int,
+                    seed: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """n sequences of `length` tokens: WikiText-2 text with `numbers` five-digit numbers at random places;
+    each with its (position, digit) for every digit token."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start = rng.randrange(len(text_ids) - length)
+        filler = text_ids[start : start + length].tolist()
+        cuts = sorted(rng.sample(range(16, length - 64), numbers))  # not at the very start, room at the end
+        ids: list[int] = []
+        digits: list[tuple[int, int]] = []
+        prev = 0
+        for cut in cuts:
+            ids += filler[prev:cut]
+            prev = cut
+            for tok in tokenizer.encode(f" {rng.randint(10000, 99999)}"):
+                text = tokenizer.decode([tok]).strip()
+                if len(text) == 1 and text.isdigit():
+                    digits.append((len(ids), int(text)))
+                ids.append(tok)
+        ids = (ids + filler[prev:])[:length]
+        out.append((ids, [(p, d) for p, d in digits if p < length]))
+    return out
+
+
+@torch.no_grad()
+def cached_entries(model: LM, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Per layer: the K (RoPE undone) and V [T, kv_dim] of every position (the boundary ones are what is cached),
+    from the model's own forward (its Attamba attention)."""
+    out = []
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        spec = model.blocks[layer].attn.spec
+        out.append((apply_rope(k, -pos, model.config.rope_theta)[0].flatten(-2), v[0].flatten(-2)))
+        return block_attention(q, k, v, pos, pos, spec.is_boundary(pos), spec.window)
+
+    model.extend(torch.tensor([ids]), 0, None, None, attend)
+    return out
+
+
+def samples(model: LM, seqs: list[tuple[list[int], list[tuple[int, int]]]]) -> dict[int, list[tuple[int, int, int, Tensor]]]:
+    """Per layer: (sequence, distance, digit, the entry's features) for every digit token."""
+    out: dict[int, list] = {}
+    for s, (ids, digits) in enumerate(seqs):
+        entries = cached_entries(model, ids)
+        pos = torch.arange(len(ids))
+        for layer, (k, v) in enumerate(entries):
+            bnd = model.blocks[layer].attn.spec.is_boundary(pos).nonzero().flatten()
+            for p, d in digits:
+                b = int(bnd[torch.searchsorted(bnd, p)]) if p <= int(bnd[-1]) else None  # the entry of p's chunk
+                if b is not None and b - p < model.config.chunk_size:
+                    out.setdefault(layer, []).append((s, b - p, d, torch.cat([k[b], v[b]]).float()))
+    return out
+
+
+def ridge_accuracy(x: Tensor, y: Tensor, fit: Tensor, pick: Tensor, test: Tensor) -> float:
+    """Held-out accuracy of a ridge probe x -> one-hot(y) (10 classes), its penalty chosen on `pick`."""
+    mean, std = x[fit].mean(0), x[fit].std(0).clamp(min=1e-6)
+    z = torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1).double()
+    target = torch.nn.functional.one_hot(y, 10).double()
+    gram, rhs = z[fit].T @ z[fit], z[fit].T @ target[fit]
+    scale = float(gram.diagonal().mean())
+    best = max(PENALTIES, key=lambda lam: _acc(z, y, torch.linalg.solve(gram + lam * scale * torch.eye(len(gram), dtype=gram.dtype), rhs), pick))
+    w = torch.linalg.solve(gram + best * scale * torch.eye(len(gram), dtype=gram.dtype), rhs)
+    return _acc(z, y, w, test)
+
+
+def _acc(z: Tensor, y: Tensor, w: Tensor, rows: Tensor) -> float:
+    return float(((z[rows] @ w).argmax(1) == y[rows]).double().mean())
+
+
+def probe(model: LM, seqs: list[tuple[list[int], list[tuple[int, int]]]]) -> dict:
+    """Per layer, the held-out probe accuracy at each distance (sequences split 1/2 fit, 1/4 pick, 1/4 test)."""
+    n = len(seqs)
+    per_layer = {}
+    for layer, rows in sorted(samples(model, seqs).items()):
+        seq = torch.tensor([r[0] for r in rows])
+        dist, y = torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
+        x = torch.stack([r[3] for r in rows])
+        acc = {}
+        for j in range(model.config.chunk_size):
+            at = dist == j
+            fit, pick, test = at & (seq < n // 2), at & (seq >= n // 2) & (seq < 3 * n // 4), at & (seq >= 3 * n // 4)
+            if min(int(fit.sum()), int(pick.sum()), int(test.sum())) >= 10:
+                acc[j] = round(ridge_accuracy(x, y, fit, pick, test), 3)
+        per_layer[layer] = acc
+    return per_layer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", type=Path, required=True, help="an Attamba checkpoint (a delta over its teacher)")
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--sequences", type=int, default=48)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--numbers", type=int, default=24, help="five-digit numbers per sequence")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the JSON here too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    student = load_model(resolve_model(str(args.student))).eval()
+    teacher = load_model(resolve_model(args.teacher)).eval()
+    tokenizer = Tokenizer.from_file(resolve_model(args.teacher) / "tokenizer.json")
+    seqs = probe_sequences(tokenizer, encode_corpus(tokenizer, read_split("test")), args.sequences, args.length,
+                           args.numbers, args.seed)
+    result = {"student": str(args.student), "chunk_size": student.config.chunk_size, "sequences": args.sequences,
+              "numbers_per_sequence": args.numbers, "chance": 0.1, "probe": {}}
+    for name, model in (("student", student), ("zero-SSM", build_student(teacher, student.config, 0).eval())):
+        layers = probe(model, seqs)
+        far = [a for acc in layers.values() for j, a in acc.items() if j > 0]
+        result["probe"][name] = {"per_layer": layers, "mean_beyond_own_token": round(sum(far) / max(1, len(far)), 3)}
+        print(name, result["probe"][name]["mean_beyond_own_token"], flush=True)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
