@@ -62,8 +62,7 @@ class Int8Linear(nn.Module):
 def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module],
                     keep: Callable[[str, nn.Linear], bool]) -> int:
     """Replace every bias-free nn.Linear for which keep(attribute name, linear) holds by make(attribute name,
-    linear); returns
-    how many (the weight formats of the engine: Int8Linear here, UpcastLinear in upcast.py)."""
+    linear); returns how many (the weight formats of the engine: Int8Linear here, UpcastLinear in upcast.py)."""
     count = 0
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):

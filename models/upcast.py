@@ -3,18 +3,18 @@
 There PyTorch's bf16 matrix-vector product is fast (it reads half the bytes of fp32, and decode on a CPU is
 bound by reading the weights), but its bf16 matrix-matrix product is emulated: about 11 ms per row of a
 batch for SmolLM2-135M's layers on the AVX2 machine of docs/cpu.md, so a 1k-token prefill ran at 74 tok/s
-against fp32's 350. `UpcastLinear` keeps its weight in bf16 and computes a product of more than NATIVE_ROWS
-rows in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native bf16 product
-does (fp32 accumulation, one rounding). Each chunk's fp32 copy stays within CHUNK_BYTES: the head's whole
+against fp32's 350. `UpcastLinear` keeps its weight in bf16 (or fp16, below) and computes a product of more
+than NATIVE_ROWS rows in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native
+bf16 product does (fp32 accumulation, one rounding). Each chunk's fp32 copy stays within CHUNK_BYTES: the head's whole
 fp32 copy (113 MB) took ~4x longer than the product itself, fresh pages on every call.
 
 The weights of the FFN and the head (HALF_LINEARS, ~80 % of the bytes a decode step reads) are held as fp16
-(HALF), not bf16: every bf16 value within fp16's range is an fp16 value too (bar
-the rounding of subnormals below 6e-5: an absolute error under 3e-8), and on such a CPU fp16's matrix-vector
-product streams ~15-25 % faster than bf16's (one F16C conversion instead of bf16's shift; docs/cpu.md). A
-matrix-vector product converts its few input rows to fp16 (exact within range), accumulates in fp32, rounds to
-fp16 and then to bf16. A weight with a value outside fp16's range stays bf16. The tied head and embedding share
-the fp16 matrix; HalfEmbedding returns its rows as bf16 (exactly the bf16 values loaded).
+(HALF), not bf16: every bf16 value within fp16's range is an fp16 value too (bar the rounding of subnormals
+below 6e-5: an absolute error under 3e-8), and on such a CPU fp16's matrix-vector product streams ~15-25 %
+faster than bf16's (one F16C conversion instead of bf16's shift; docs/cpu.md). A matrix-vector product
+converts its few input rows to fp16 (exact within range), accumulates in fp32, rounds to fp16 and then to
+bf16. A weight with a value outside fp16's range stays bf16. The tied head and embedding share the fp16
+matrix; HalfEmbedding returns its rows as bf16 (exactly the bf16 values loaded).
 `F.linear` on the bf16 tensors is the slow, obviously correct twin.
 """
 from __future__ import annotations
