@@ -10,7 +10,8 @@ distance 0 is the entry's own token, there through the skip (Wk u, Wv u). The sa
 SSMs at zero (the teacher restricted to the pattern): what an entry carries of its chunk through the residual
 stream alone.
 
-    python -m training.cache_probe --student checkpoints/attamba-smollm2-p8-l64 --out docs/cache-probe.json
+    python -m training.cache_probe --student checkpoints/attamba-smollm2-p8-l64 --out docs/cache-probe.json \
+        --plot docs/cache-probe.png
 """
 from __future__ import annotations
 
@@ -125,6 +126,32 @@ def probe(model: LM, seqs: list[tuple[list[int], list[tuple[int, int]]]]) -> dic
     return per_layer
 
 
+def plot(result: dict, path: Path) -> None:
+    """Probe accuracy by distance to the entry (mean over layers) and by layer (mean over distances >= 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_dist, by_layer) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("student", "o-"), ("zero-SSM", "x--")):
+        layers = result["probe"][name]["per_layer"]
+        dists = sorted({int(j) for acc in layers.values() for j in acc})
+        by_dist.plot(dists, [sum(acc.get(j, acc.get(str(j), 0)) for acc in layers.values()) / len(layers)
+                             for j in dists], style, label=name)
+        far = [[a for j, a in acc.items() if int(j) > 0] for acc in layers.values()]
+        by_layer.plot([int(k) for k in layers], [sum(f) / max(1, len(f)) for f in far], style, label=name)
+    for ax, xlabel in ((by_dist, "distance of the digit to its chunk's cached entry (tokens)"), (by_layer, "layer")):
+        ax.axhline(result["chance"], color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out probe accuracy (chance 0.1)")
+        ax.legend()
+    by_dist.set_title("by distance (mean over layers)")
+    by_layer.set_title("by layer (mean over distances >= 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", type=Path, required=True, help="an Attamba checkpoint (a delta over its teacher)")
@@ -135,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the JSON here too")
+    parser.add_argument("--plot", type=Path, help="and a plot here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     student = load_model(resolve_model(str(args.student))).eval()
@@ -152,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.plot:
+        plot(result, args.plot)
     print(text)
     return 0
 
