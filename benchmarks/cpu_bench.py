@@ -176,7 +176,8 @@ def configure(parser: argparse.ArgumentParser, ints) -> None:
                         help="the Attamba student checkpoint (default: %(default)s)")
     parser.add_argument("--contexts", type=ints, default=[1024, 4096, 8192])
     parser.add_argument("--batches", type=ints, default=[1, 8])
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cell (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=16,
+                        help="timed decode steps per run of a cell (after one warm-up; two runs averaged)")
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes, comma-separated")

@@ -11,7 +11,8 @@ from training.cache_probe import cached_entries, ridge_accuracy, samples
 def test_the_ridge_probe_reads_a_linear_code_and_not_noise() -> None:
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (400,), generator=g)
-    x = torch.nn.functional.one_hot(y, 10).float() @ torch.randn(10, 24, generator=g) + 0.1 * torch.randn(400, 24, generator=g)
+    code = torch.randn(10, 24, generator=g)
+    x = torch.nn.functional.one_hot(y, 10).float() @ code + 0.1 * torch.randn(400, 24, generator=g)
     fit, pick, test = (torch.arange(400) % 4 == r for r in (0, 1, 2))
     fit |= torch.arange(400) % 4 == 3
     assert ridge_accuracy(x, y, fit, pick, test) > 0.95

@@ -34,10 +34,11 @@ from .data import encode_corpus, read_split
 from .uptrain import build_student
 
 PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalties tried, times the mean of diag(X^T X)
+Sequences = list[tuple[list[int], list[tuple[int, int]]]]  # (ids, [(position, digit)]) per sequence
 
 
 def probe_sequences(tokenizer: Tokenizer, text_ids: Tensor, n: int, length: int, numbers: int,
-                    seed: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
+                    seed: int) -> Sequences:
     """n sequences of `length` tokens: WikiText-2 text with `numbers` five-digit numbers at random places;
     each with its (position, digit) for every digit token."""
     rng = random.Random(seed)
@@ -77,7 +78,7 @@ def cached_entries(model: LM, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
     return out
 
 
-def samples(model: LM, seqs: list[tuple[list[int], list[tuple[int, int]]]]) -> dict[int, list[tuple[int, int, int, Tensor]]]:
+def samples(model: LM, seqs: Sequences) -> dict[int, list[tuple[int, int, int, Tensor]]]:
     """Per layer: (sequence, distance, digit, the entry's features) for every digit token."""
     out: dict[int, list] = {}
     for s, (ids, digits) in enumerate(seqs):
@@ -99,16 +100,16 @@ def ridge_accuracy(x: Tensor, y: Tensor, fit: Tensor, pick: Tensor, test: Tensor
     target = torch.nn.functional.one_hot(y, 10).double()
     gram, rhs = z[fit].T @ z[fit], z[fit].T @ target[fit]
     scale = float(gram.diagonal().mean())
-    best = max(PENALTIES, key=lambda lam: _acc(z, y, torch.linalg.solve(gram + lam * scale * torch.eye(len(gram), dtype=gram.dtype), rhs), pick))
-    w = torch.linalg.solve(gram + best * scale * torch.eye(len(gram), dtype=gram.dtype), rhs)
-    return _acc(z, y, w, test)
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    best = max(PENALTIES, key=lambda lam: _acc(z, y, torch.linalg.solve(gram + lam * scale * eye, rhs), pick))
+    return _acc(z, y, torch.linalg.solve(gram + best * scale * eye, rhs), test)
 
 
 def _acc(z: Tensor, y: Tensor, w: Tensor, rows: Tensor) -> float:
     return float(((z[rows] @ w).argmax(1) == y[rows]).double().mean())
 
 
-def probe(model: LM, seqs: list[tuple[list[int], list[tuple[int, int]]]]) -> dict:
+def probe(model: LM, seqs: Sequences) -> dict:
     """Per layer, the held-out probe accuracy at each distance (sequences split 1/2 fit, 1/4 pick, 1/4 test)."""
     n = len(seqs)
     per_layer = {}
