@@ -31,8 +31,10 @@ log = logging.getLogger("attamba.engine")
 # as the decode graph's (engine/compiled_decode.py): no size and scalar checks in the Python wrapper
 INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False}
 # any length of 2 or more (lengths share the graph), but one equal to none of the model's sizes: tracing with a
-# length equal to, say, the SSM state's size let an op compare the two and specialise the graph to that length
-WARM_UP_TOKENS = 37
+# length equal to, say, the SSM state's size let an op compare the two and specialise the graph to that length.
+# Near a prefill chunk's usual length (512), as Inductor sizes its parallel loops by the traced example: traced at
+# 37 tokens the SSMs' window building ran on one thread (1k prompt, separate processes: 417-437 vs 447-448 tok/s)
+WARM_UP_TOKENS = 509
 
 
 def compile_halves(model: LM) -> BlockHalves:
