@@ -183,6 +183,10 @@ class Attention(nn.Module):
         return o
 
     # ---- the reference paths -------------------------------------------------------------------
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Whole-sequence attention under this layer's key rule: q, k, v [B, T, *, D] at positions pos [T]."""
+        return block_attention(q, k, v, pos, pos, self.spec.is_boundary(pos), self.spec.window)
+
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
         offset: Tensor | None = None,
@@ -296,8 +300,7 @@ class LM(nn.Module):
         mamba-ssm's kernels (CUDA, the package installed; an error otherwise)."""
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor) -> Tensor:
-            spec = self.blocks[layer].attn.spec
-            return block_attention(q, k, v, qpos, qpos, spec.is_boundary(qpos), spec.window)
+            return self.blocks[layer].attn.attend(q, k, v, qpos)
 
         hidden, _ = self.extend(input_ids, 0, None, None, attend, mamba)
         return self.logits(hidden)

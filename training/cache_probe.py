@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.attention import block_attention
 from models.layers import apply_rope
 from models.lm import LM
 from models.loading import load_model
@@ -70,9 +69,8 @@ def cached_entries(model: LM, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
     out = []
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        spec = model.blocks[layer].attn.spec
         out.append((apply_rope(k, -pos, model.config.rope_theta)[0].flatten(-2), v[0].flatten(-2)))
-        return block_attention(q, k, v, pos, pos, spec.is_boundary(pos), spec.window)
+        return model.blocks[layer].attn.attend(q, k, v, pos)
 
     model.extend(torch.tensor([ids]), 0, None, None, attend)
     return out

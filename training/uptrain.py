@@ -188,8 +188,7 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
             o_t = block_attention(q, k, v, pos, pos, torch.ones_like(pos, dtype=torch.bool), 0)
             target = t_blk.attn.wo(o_t.flatten(-2))
         _, ks, vs, _ = s_blk.attn.project(u, pos, None, None)
-        spec = s_blk.attn.spec
-        out = s_blk.attn.wo(block_attention(q, ks, vs, pos, pos, spec.is_boundary(pos), spec.window).flatten(-2))
+        out = s_blk.attn.wo(s_blk.attn.attend(q, ks, vs, pos).flatten(-2))
         total = total + (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
         with torch.no_grad():
             x = t_blk.finish(x, o_t)
