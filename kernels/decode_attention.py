@@ -63,10 +63,12 @@ def decode_attention_ref(
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     f32 = torch.float32
+    fused = torch.compiler.is_compiling()
     qg = cast(q, f32).view(B, Hkv, H // Hkv, D) * scale  # [B, Hkv, G, D]
+    if fused:  # into a buffer: Inductor inlines a value with one user, so the loop would redo the query's RoPE per key
+        qg = qg.as_strided(qg.shape, qg.stride())  # (its as_strided lowering realizes its input)
     kb = cast(k_cache[block_tables].flatten(1, 2), f32)  # [B, n, Hkv, D]
     vb = cast(v_cache[block_tables].flatten(1, 2), f32)
-    fused = torch.compiler.is_compiling()
     scores = _scores(qg, kb, fused)
     scores = scores.masked_fill((torch.arange(kb.shape[1], device=q.device) >= context_lens[:, None])[:, None, None], float("-inf"))
     if win_k.shape[1]:  # the ring joins the same softmax; its scores, not its keys, are concatenated
