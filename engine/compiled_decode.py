@@ -44,8 +44,8 @@ HINT_WIDTH = 64
 # the noise; docs/cpu.md):
 # its Python wrapper's size and scalar checks (~27 a layer call) and the bounds checks of indirect loads
 # (block tables and slots are valid by construction: -1 entries land in the pools' sinks) go; and a
-# pointwise value read more than 3 times is computed once into a buffer, so the RoPE'd query is not
-# recomputed for every key inside the attention's fused loop.
+# pointwise value with several users that reads more than 3 buffers is computed once into a buffer (the
+# student's RoPE'd query; a single-use one is put in a buffer by kernels/decode_attention.py).
 INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False, "assert_indirect_indexing": False,
                     "realize_reads_threshold": 3}
 
