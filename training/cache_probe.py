@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.layers import apply_rope
 from models.lm import LM
 from models.loading import load_model
 from models.registry import resolve_model
 from models.tokenizer import Tokenizer
 
 from .data import encode_corpus, read_split
+from .entry_readout import forward_with_kv
 from .uptrain import build_student
 
 PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge penalties tried, times the mean of diag(X^T X)
@@ -66,14 +66,7 @@ def probe_sequences(tokenizer: Tokenizer, text_ids: Tensor, n: int, length: int,
 def cached_entries(model: LM, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
     """Per layer: the K (RoPE undone) and V [T, kv_dim] of every position (the boundary ones are what is cached),
     from the model's own forward (its Attamba attention)."""
-    out = []
-
-    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        out.append((apply_rope(k, -pos, model.config.rope_theta)[0].flatten(-2), v[0].flatten(-2)))
-        return model.blocks[layer].attn.attend(q, k, v, pos)
-
-    model.extend(torch.tensor([ids]), 0, None, None, attend)
-    return out
+    return [(k[0], v[0]) for k, v in forward_with_kv(model, torch.tensor([ids]))[1]]
 
 
 def samples(model: LM, seqs: Sequences) -> dict[int, list[tuple[int, int, int, Tensor]]]:

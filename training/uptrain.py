@@ -45,6 +45,7 @@ from server.chat import load_chat_template
 
 from .corpus import SOURCES, summaries, training_ids
 from .data import batches
+from .entry_readout import EntryReadout, forward_with_kv
 from .lora import add_lora, load_lora_factors, lora_factors, parse_targets
 from .loop import Loop, RunDir, WarmupCosine, restore_rngs
 from .mixture import Mixture, MixtureConfig
@@ -103,13 +104,15 @@ class UptrainConfig:
     recall_target: str = setting("teacher", "a recall answer's target: the teacher's distribution, or 'corrected': "
                                  "the stated value wherever the teacher's argmax misses it", choices=RECALL_TARGETS)
     autocast: bool = setting(False, "bf16 autocast for teacher and student (CPU with native bf16)")
+    readout_weight: float = setting(0.0, "stage-2 weight of the entry read-out loss (training/entry_readout.py: each "
+                                    "cached chunk entry must give back the teacher's K and V of its chunk); 0: off")
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "ssm_state", "ssm_inner", "ssm_heads", "seq_len", "batch_size", "ckpt_interval",
                     "threads")
         bad = [n for n in positive if getattr(self, n) < 1]
         bad += [n for n in ("window", "stage1_steps", "stage2_steps", "warmup_steps", "ce_weight", "weight_decay",
-                            "lora_rank", "chat_frac", "recall_frac") if getattr(self, n) < 0]
+                            "lora_rank", "chat_frac", "recall_frac", "readout_weight") if getattr(self, n) < 0]
         bad += [n for n in ("lr1", "lr2", "grad_clip", "lr_lora", "lora_alpha", "recall_weight")
                 if getattr(self, n) <= 0]
         if self.chat_frac + self.recall_frac > 1:
@@ -196,19 +199,23 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
 
 
 def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float, weights: Tensor | None = None,
-                      answers: Tensor | None = None, corrected: bool = False) -> tuple[Tensor, dict[str, float]]:
+                      answers: Tensor | None = None, corrected: bool = False, readout: EntryReadout | None = None,
+                      readout_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """Stage 2 on a [B, T+1] batch: KL(teacher || student) per token + ce_weight * CE, averaged with the
     per-token weights [B, T] (default all 1); returns (loss, stats). The bool mask `answers` [B, T] marks recall
     answers, targets known to be right: with `corrected`, where the teacher's argmax there is another token, the
     teacher's distribution gives way to the target itself (KL to a one-hot target is the cross-entropy). stats
     holds kl and ce and, when the batch has answers, how many of their tokens the student's and the teacher's
-    argmax get right (recall_acc, teacher_recall_acc): each row's facts are new, so this is a held-out score."""
+    argmax get right (recall_acc, teacher_recall_acc): each row's facts are new, so this is a held-out score.
+    With a `readout`, readout_weight x its loss joins (stats: readout)."""
     inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].flatten()
     w = torch.ones(targets.shape, device=batch.device) if weights is None else weights.flatten()
     w = w / w.sum()
     with torch.no_grad():
-        t_logp = F.log_softmax(teacher(inputs).flatten(0, 1).float(), -1)
-    s_logp = F.log_softmax(student(inputs).flatten(0, 1).float(), -1)
+        t_hidden, t_kv = forward_with_kv(teacher, inputs)
+        t_logp = F.log_softmax(teacher.logits(t_hidden).flatten(0, 1), -1)
+    s_hidden, s_kv = forward_with_kv(student, inputs)
+    s_logp = F.log_softmax(student.logits(s_hidden).flatten(0, 1), -1)
     nll = F.nll_loss(s_logp, targets, reduction="none")
     per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
     teacher_right = t_logp.argmax(-1) == targets
@@ -216,11 +223,16 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
         per_token = torch.where(answers.flatten() & ~teacher_right, nll, per_token)
     kl, ce = (per_token * w).sum(), (nll * w).sum()
     stats = {"kl": kl.item(), "ce": ce.item()}
+    loss = kl + ce_weight * ce
+    if readout is not None:
+        aux = readout.loss(student, s_kv, t_kv)
+        stats["readout"] = aux.item()
+        loss = loss + readout_weight * aux
     if answers is not None and answers.any():
         mask = answers.flatten()
         stats["recall_acc"] = (s_logp.detach().argmax(-1) == targets)[mask].float().mean().item()
         stats["teacher_recall_acc"] = teacher_right[mask].float().mean().item()
-    return kl + ce_weight * ce, stats
+    return loss, stats
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -245,6 +257,8 @@ class Run:
             self._init_ssms(Path(uc.init_from))
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.lora_params: list[torch.nn.Parameter] = []
+        self.readout = (EntryReadout(self.cfg.n_layers, self.cfg.kv_dim, max(uc.random_chunk_sizes or (uc.chunk_size,)))
+                        if uc.readout_weight else None)
         self.tokenizer = Tokenizer.from_file(self.teacher_dir / "tokenizer.json")
         self.gen = torch.Generator().manual_seed(uc.seed)
         self.stage, self.step = 1, 0
@@ -278,6 +292,8 @@ class Run:
         groups = [{"params": self.params, "peak": self.uc.lr1 if self.stage == 1 else self.uc.lr2}]
         if self.stage == 2 and self.lora_params:
             groups.append({"params": self.lora_params, "peak": self.uc.lr_lora})
+        if self.stage == 2 and self.readout is not None:
+            groups.append({"params": list(self.readout.parameters()), "peak": self.uc.lr2})
         for g in groups:
             g["lr"] = g["peak"]
         return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=self.uc.weight_decay)
@@ -287,8 +303,11 @@ class Run:
 
     # ---- state ---------------------------------------------------------------------------------------
     def save_state(self) -> None:
-        self.run_dir.save({"ssm": trainable_state(self.student), "optimizer": self.opt.state_dict(),
-                           "stage": self.stage, "step": self.step, "config": dataclasses.asdict(self.uc)}, self.gen)
+        state = {"ssm": trainable_state(self.student), "optimizer": self.opt.state_dict(), "stage": self.stage,
+                 "step": self.step, "config": dataclasses.asdict(self.uc)}
+        if self.readout is not None:
+            state["readout"] = self.readout.state_dict()
+        self.run_dir.save(state, self.gen)
 
     def load_state(self) -> None:
         state = self.run_dir.load()
@@ -301,6 +320,8 @@ class Run:
         if self.stage == 2:
             self._add_adapters()
         self.student.load_state_dict(state["ssm"], strict=False)
+        if self.readout is not None and "readout" in state:
+            self.readout.load_state_dict(state["readout"])
         self.opt = self._optimizer()
         self.opt.load_state_dict(state["optimizer"])
         restore_rngs(state, self.gen)
@@ -355,12 +376,15 @@ class Run:
                     loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
                 else:
                     loss, stats = distillation_loss(self.teacher, self.student, batch, uc.ce_weight, weights,
-                                                    answers, uc.recall_target == "corrected")
+                                                    answers, uc.recall_target == "corrected", self.readout,
+                                                    uc.readout_weight)
                     record.update(stats)
             loss.backward()
             if sizes:
                 self.student.set_chunk_size(uc.chunk_size)  # what the export and every check between steps see
             torch.nn.utils.clip_grad_norm_(self.params + self.lora_params, uc.grad_clip)
+            if self.readout is not None:  # on its own: the maps' gradients would otherwise shrink the SSMs' steps
+                torch.nn.utils.clip_grad_norm_(self.readout.parameters(), uc.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             record["loss"] = loss.item()

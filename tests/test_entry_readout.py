@@ -1,0 +1,104 @@
+"""training/entry_readout.py: the forward that also returns each layer's K and V, and the read-out loss against a
+naive loop over every (layer, entry, distance) pair."""
+from __future__ import annotations
+
+import torch
+
+from models.kv_spec import chunk_start
+from models.layers import apply_rope
+from models.loading import load_model
+from tests.test_uptrain import _teacher, _uptrain
+from training.entry_readout import EntryReadout, forward_with_kv
+from training.uptrain import UptrainConfig, build_student, distillation_loss, student_config
+
+
+def _student(tmp_path, tokenizer_file, chunk_size: int = 4):
+    teacher = load_model(_teacher(tmp_path, tokenizer_file))
+    uc = UptrainConfig(chunk_size=chunk_size, window=2, ssm_state=4, ssm_inner=8, ssm_heads=2)
+    student = build_student(teacher, student_config(teacher.config, uc, "base"), seed=0)
+    for p in student.parameters():  # SSM outputs away from zero, so the entries depend on their chunk
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    return teacher, student
+
+
+def test_forward_with_kv_is_the_forward_and_its_kv(tmp_path, tokenizer_file) -> None:
+    _, student = _student(tmp_path, tokenizer_file)
+    ids = torch.randint(0, student.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    hidden, kv = forward_with_kv(student, ids)
+    torch.testing.assert_close(student.logits(hidden), student(ids))
+    assert len(kv) == student.config.n_layers
+    pos = torch.arange(19)
+    x = student.embed(ids)
+    for blk, (k, v) in zip(student.blocks[:1], kv):
+        _, k_roped, v_ref, _ = blk.project(x, pos, None, None)
+        torch.testing.assert_close(k, apply_rope(k_roped, -pos, student.config.rope_theta).flatten(-2))
+        torch.testing.assert_close(v, v_ref.flatten(-2))
+
+
+def _naive_loss(readout: EntryReadout, student, entries, targets) -> torch.Tensor:
+    """The same loss, one (entry, distance) pair at a time."""
+    P = student.config.chunk_size
+    total = torch.zeros(())
+    for layer, ((ks, vs), (kt, vt), blk) in enumerate(zip(entries, targets, student.blocks)):
+        T, half = ks.shape[1], ks.shape[-1]
+        pos = torch.arange(T)
+        bnd, start = blk.attn.spec.is_boundary(pos), chunk_start(pos, P, blk.attn.spec.offset)
+        sq = {"k": [], "v": []}
+        ms = {"k": [], "v": []}
+        for b in range(T):
+            if not bnd[b]:
+                continue
+            for j in range(1, P):
+                if b - j < 0 or any(start[b - j + 1 : b + 1]):  # a chunk starts between b - j and b
+                    continue
+                pred = torch.cat([ks[:, b], vs[:, b]], -1) @ readout.maps[layer, j - 1]
+                for name, part, want in (("k", slice(None, half), kt[:, b - j]), ("v", slice(half, None), vt[:, b - j])):
+                    sq[name].append((pred[:, part] - want).pow(2))
+                    ms[name].append(want.pow(2))
+        for name in ("k", "v"):
+            total = total + torch.cat(sq[name]).mean() / torch.cat(ms[name]).mean() / 2
+    return total / len(entries)
+
+
+def test_the_readout_loss_equals_a_naive_loop_and_reaches_the_ssms(tmp_path, tokenizer_file) -> None:
+    teacher, student = _student(tmp_path, tokenizer_file)
+    ids = torch.randint(0, student.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
+    _, targets = forward_with_kv(teacher, ids)
+    _, entries = forward_with_kv(student, ids)
+    cfg = student.config
+    readout = EntryReadout(cfg.n_layers, cfg.kv_dim, cfg.chunk_size)
+    assert abs(readout.loss(student, entries, targets).item() - 1.0) < 1e-6  # zero maps read nothing
+    torch.nn.init.normal_(readout.maps, std=0.1)
+    loss = readout.loss(student, entries, targets)
+    torch.testing.assert_close(loss, _naive_loss(readout, student, entries, targets))
+    loss.backward()
+    assert student.blocks[0].attn.ssm_k.in_proj.weight.grad.abs().sum() > 0
+    assert student.blocks[-1].attn.ssm_v.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_distillation_adds_the_weighted_readout(tmp_path, tokenizer_file) -> None:
+    teacher, student = _student(tmp_path, tokenizer_file)
+    batch = torch.randint(0, student.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(2))
+    readout = EntryReadout(student.config.n_layers, student.config.kv_dim, 8)  # reaches further than P 4 needs
+    torch.nn.init.normal_(readout.maps, std=0.1)
+    plain, stats = distillation_loss(teacher, student, batch, 0.1)
+    both, with_readout = distillation_loss(teacher, student, batch, 0.1, readout=readout, readout_weight=0.5)
+    assert "readout" not in stats and with_readout["readout"] > 0
+    torch.testing.assert_close(both, plain + 0.5 * torch.tensor(with_readout["readout"]))
+
+
+def test_uptrain_with_the_readout_resumes_exactly(tmp_path, tokenizer_file) -> None:
+    teacher = _teacher(tmp_path, tokenizer_file)
+    flags = ("--readout-weight", "1", "--stage1-steps", "0")
+    assert _uptrain(teacher, tmp_path / "whole", *flags) == 0
+    assert _uptrain(teacher, tmp_path / "parts", *flags, "--max-minutes", "1e-9") == 0
+    assert _uptrain(teacher, tmp_path / "parts", *flags, "--resume", "auto") == 0
+    from safetensors.torch import load_file
+
+    whole, parts = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "parts"))
+    assert whole.keys() == parts.keys()
+    for k in whole:
+        torch.testing.assert_close(whole[k], parts[k], atol=0, rtol=0)
+    state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=False)
+    assert state["readout"]["maps"].abs().sum() > 0  # the maps trained and are kept with the run

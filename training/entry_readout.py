@@ -1,0 +1,70 @@
+"""The entry read-out: an auxiliary stage-2 loss that asks each cached chunk entry to carry its chunk (issue 19).
+
+Beyond the window an Attamba layer keeps one K and one V per chunk, at the chunk's last token b. The cache probe
+(training/cache_probe.py) found that those entries keep their own token and little of the one before: nothing
+in distillation asks the SSMs to store more. Here a linear map per layer and distance j reads the entry (K with
+its RoPE undone, and V) and must give back the teacher's own K (RoPE undone) and V at position b - j of the same
+chunk, the keys and values full attention would have read there; its error, normalised by the target's mean
+square, is the loss, and its gradient reaches the SSMs (and the adapters) through the entry. The maps train
+with the SSMs and are kept in the run's state but not exported: serving never reads them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.layers import apply_rope
+from models.lm import LM
+from models.ssm import chunk_ids
+
+LayerKV = list[tuple[Tensor, Tensor]]  # per layer: K (RoPE undone) and V, [B, T, kv_dim] each
+
+
+def forward_with_kv(model: LM, ids: Tensor) -> tuple[Tensor, LayerKV]:
+    """What model(ids) computes, as the final hidden states [B, T, d] (model.logits gives the logits), and every
+    layer's K (RoPE undone) and V."""
+    kv: LayerKV = []
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        kv.append((apply_rope(k, -pos, model.config.rope_theta).flatten(-2), v.flatten(-2)))
+        return model.blocks[layer].attn.attend(q, k, v, pos)
+
+    hidden, _ = model.extend(ids, 0, None, None, attend)
+    return hidden, kv
+
+
+class EntryReadout(nn.Module):
+    """maps[l, j-1]: layer l's entry [K, V] (2 kv_dim) -> the teacher's [K, V] j tokens before it, j < max_chunk."""
+
+    def __init__(self, n_layers: int, kv_dim: int, max_chunk: int) -> None:
+        super().__init__()
+        # zeros: the loss starts at 1 (no read-out), and the entries get a gradient once the maps have one
+        self.maps = nn.Parameter(torch.zeros(n_layers, max_chunk - 1, 2 * kv_dim, 2 * kv_dim))
+
+    def loss(self, student: LM, entries: LayerKV, targets: LayerKV) -> Tensor:
+        """Mean over layers of the read-outs' squared error over the student's current chunks (K and V parts each
+        normalised by their target's mean square), every entry and distance inside its chunk counted once."""
+        cfg = student.config
+        if cfg.chunk_size > self.maps.shape[1] + 1:
+            raise ValueError(f"the read-out reaches {self.maps.shape[1]} tokens back, chunks are {cfg.chunk_size}")
+        T = entries[0][0].shape[1]
+        pos = torch.arange(T, device=self.maps.device)
+        total = self.maps.new_zeros(())
+        for layer, ((ks, vs), (kt, vt), blk) in enumerate(zip(entries, targets, student.blocks)):
+            bnd = blk.attn.spec.is_boundary(pos).nonzero().flatten()
+            cid = chunk_ids(pos, cfg.chunk_size, blk.attn.spec.offset)
+            entry = torch.cat([ks[:, bnd], vs[:, bnd]], -1).float()  # [B, n, 2 kv]
+            preds, wanted = [], []
+            for j in range(1, cfg.chunk_size):
+                src = bnd - j
+                ok = (src >= 0) & (cid[src.clamp(min=0)] == cid[bnd])  # b - j lies in b's own chunk
+                if ok.any():
+                    preds.append(entry[:, ok] @ self.maps[layer, j - 1])
+                    wanted.append(torch.cat([kt[:, src[ok]], vt[:, src[ok]]], -1).float())
+            if preds:
+                pred, want = torch.cat(preds, 1), torch.cat(wanted, 1)
+                half = want.shape[-1] // 2
+                for part in (slice(None, half), slice(half, None)):
+                    err = (pred[..., part] - want[..., part]).pow(2).mean()
+                    total = total + err / want[..., part].pow(2).mean().clamp_min(1e-12) / 2
+        return total / len(entries)
