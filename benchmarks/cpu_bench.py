@@ -21,7 +21,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,26 +28,23 @@ import torch
 from models import load_model
 from models.registry import named_model_gguf, resolve_model
 
-from .engine_bench import decode_step_ops, filled_engine
+from .engine_bench import decode_step_ops, filled_engine, timed_decode
 from .smollm2_bench import MODEL, _machine, engine_ttft, hf_decode, hf_model
 
 LLAMA_DIR = Path("build/llama.cpp")
-REPETITIONS = 2  # runs averaged per measurement, ours and llama-bench's (-r) alike
+# Rounds per measurement, averaged (llama-bench's -r 2 alike). Each round measures every stack once, one after
+# another, so a drift in the machine's speed within the run lands on every stack rather than on the ones measured
+# while it lasted.
+ROUNDS = 2
 
 
 def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> tuple[float, float | None]:
-    """This engine's decode tokens/s at a batch and (synthetic) context, the mean of REPETITIONS runs of `steps`
-    (as llama-bench averages its repetitions), and the seconds its compiled decode step took to compile at
-    start-up for that batch size (None: eager)."""
-    engine = filled_engine(model_dir, batch, ctx, steps * REPETITIONS, **engine_kw)
-    rates = []
-    for _ in range(REPETITIONS):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        rates.append(batch * steps / (time.perf_counter() - t0))
+    """This engine's decode tokens/s over `steps` steps at a batch and (synthetic) context, and the seconds its
+    compiled decode step took to compile at start-up for that batch size (None: eager)."""
+    engine = filled_engine(model_dir, batch, ctx, steps, **engine_kw)
+    rate = timed_decode(engine, steps)
     compiled = getattr(engine.runner.graphs, "compile_s", None)
-    return sum(rates) / len(rates), (round(compiled[batch], 1) if compiled else None)
+    return rate, (round(compiled[batch], 1) if compiled else None)
 
 
 def _run_json(cmd: list[str]) -> list[dict]:
@@ -61,14 +57,15 @@ def _run_json(cmd: list[str]) -> list[dict]:
 
 
 def llama_bench(tools: Path, gguf: Path, contexts: list[int], steps: int, prefill: int, threads: int) -> dict:
-    """Batch-1 decode tokens/s after each context (llama-bench -d), and prompt tokens/s for `prefill` tokens."""
+    """One run of batch-1 decode tokens/s after each context (llama-bench -d), and of prompt tokens/s for
+    `prefill` tokens."""
     depth = ",".join(map(str, contexts))
     decode = _run_json([str(tools / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(steps), "-d", depth,
-                        "-t", str(threads), "-r", str(REPETITIONS), "-o", "json"])
+                        "-t", str(threads), "-r", "1", "-o", "json"])
     prompt = _run_json([str(tools / "llama-bench"), "-m", str(gguf), "-p", str(prefill), "-n", "0",
-                        "-t", str(threads), "-r", str(REPETITIONS), "-o", "json"])
-    out = {int(r["n_depth"]): round(float(r["avg_ts"]), 2) for r in decode}
-    return {"decode": out, "prefill_tokens_per_s": round(float(prompt[0]["avg_ts"]), 1)}
+                        "-t", str(threads), "-r", "1", "-o", "json"])
+    out = {int(r["n_depth"]): float(r["avg_ts"]) for r in decode}
+    return {"decode": out, "prefill_tokens_per_s": float(prompt[0]["avg_ts"])}
 
 
 def llama_batched(tools: Path, gguf: Path, ctx: int, batch: int, steps: int, threads: int) -> float:
@@ -76,64 +73,85 @@ def llama_batched(tools: Path, gguf: Path, ctx: int, batch: int, steps: int, thr
     rows = _run_json([str(tools / "llama-batched-bench"), "-m", str(gguf), "-c", str(batch * (ctx + steps) + 256),
                       "-b", "2048", "-ub", "512", "-npp", str(ctx), "-ntg", str(steps), "-npl", str(batch), "-pps",
                       "-t", str(threads), "--output-format", "jsonl"])
-    return round(float(rows[0]["speed_tg"]), 2)
+    return float(rows[0]["speed_tg"])
+
+
+Cells = dict[tuple[int, int], float]  # (context, batch) -> decode tokens/s
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 2)
 
 
 def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int, prefill: int, threads: int,
               dtypes: list[str], quantizations: list[str], modes: list[str], tools: Path | None, hf: bool) -> dict:
     teacher_dir = resolve_model(MODEL)
     result: dict = {"benchmark": "cpu", "teacher": MODEL, "student": str(student), "machine": _machine(threads),
-                    "steps": steps, "prefill_tokens": prefill,
-                    "note": "compare only within this run (shared, noisy machine)"}
-    stacks: dict[str, dict] = {}
+                    "steps": steps, "prefill_tokens": prefill, "rounds": ROUNDS,
+                    "note": "compare only within this run (shared, noisy machine); each value is the mean of the "
+                            "rounds, every round measuring every stack once"}
+    engines: dict[str, tuple[Path, dict]] = {}
     for model_name, model_dir in (("teacher", teacher_dir), ("student", student)):
         for dtype in dtypes:
             for quant in quantizations:
                 for mode in modes:
                     kw = {"dtype": dtype, "quantization": None if quant == "none" else quant,
                           "enforce_eager": mode == "eager"}
-                    stacks[f"ours_{model_name}_{dtype}_{quant}_{mode}"] = {"model_dir": model_dir, "engine": kw}
-    rows = {(c, b): {"context": c, "batch": b} for c in contexts for b in batches}
-    for name, info in stacks.items():
-        gc.collect()
-        ttft = engine_ttft(info["model_dir"], info["engine"]["dtype"], prefill, threads, info["engine"]["quantization"])
-        info["prefill_tokens_per_s"] = round(prefill / ttft, 1)
-        for (c, b), row in rows.items():
-            gc.collect()
-            tok_s, compile_s = engine_decode(info["model_dir"], b, c, steps, info["engine"])
-            row[name] = round(tok_s, 2)
-            if compile_s is not None:  # the first engine of a batch size compiles; later ones hit the disk cache
-                info.setdefault("compile_s", {}).setdefault(b, compile_s)
-        print(name, info["prefill_tokens_per_s"], file=sys.stderr, flush=True)
-    if hf:
-        hf_lm = hf_model(load_model(teacher_dir))
-        for (c, b), row in rows.items():
-            gc.collect()
-            row["hf_float32"] = round(hf_decode(hf_lm, b, c, steps), 2)
-        stacks["hf_float32"] = {}
-        del hf_lm
-    if tools is not None:
-        from models.gguf import write_gguf
+                    engines[f"ours_{model_name}_{dtype}_{quant}_{mode}"] = (model_dir, kw)
+    cells = [(c, b) for c in contexts for b in batches]
+    decode: dict[str, list[Cells]] = {}  # stack -> one Cells per round
+    prefills: dict[str, list[float]] = {}
+    stacks: dict[str, dict] = {}
+    hf_lm = hf_model(load_model(teacher_dir)) if hf else None
+    with tempfile.TemporaryDirectory() as tmp:
+        ggufs: dict[str, Path] = {}
+        if tools is not None:
+            from models.gguf import write_gguf
 
-        with tempfile.TemporaryDirectory() as tmp:
-            f16 = write_gguf(teacher_dir, Path(tmp) / "f16.gguf", "f16", vocab_from=named_model_gguf(MODEL))
-            q8 = Path(tmp) / "q8_0.gguf"
-            subprocess.run([str(tools / "llama-quantize"), str(f16), str(q8), "Q8_0"], check=True, capture_output=True)
-            for name, gguf in (("llamacpp_f16", f16), ("llamacpp_q8_0", q8)):
+            ggufs["llamacpp_f16"] = write_gguf(teacher_dir, Path(tmp) / "f16.gguf", "f16",
+                                               vocab_from=named_model_gguf(MODEL))
+            ggufs["llamacpp_q8_0"] = Path(tmp) / "q8_0.gguf"
+            subprocess.run([str(tools / "llama-quantize"), str(ggufs["llamacpp_f16"]), str(ggufs["llamacpp_q8_0"]),
+                            "Q8_0"], check=True, capture_output=True)
+        for _ in range(ROUNDS):
+            for name, (model_dir, kw) in engines.items():
+                gc.collect()
+                ttft = engine_ttft(model_dir, kw["dtype"], prefill, threads, kw["quantization"])
+                prefills.setdefault(name, []).append(prefill / ttft)
+                measured: Cells = {}
+                for c, b in cells:
+                    gc.collect()
+                    measured[c, b], compile_s = engine_decode(model_dir, b, c, steps, kw)
+                    if compile_s is not None:  # the first engine of a batch size compiles; later ones hit the disk cache
+                        stacks.setdefault(name, {}).setdefault("compile_s", {}).setdefault(b, compile_s)
+                decode.setdefault(name, []).append(measured)
+                print(name, round(prefills[name][-1], 1), file=sys.stderr, flush=True)
+            if hf_lm is not None:
+                decode.setdefault("hf_float32", []).append({(c, b): hf_decode(hf_lm, b, c, steps) for c, b in cells})
+            for name, gguf in ggufs.items():
                 single = llama_bench(tools, gguf, contexts, steps, prefill, threads)
-                stacks[name] = {"prefill_tokens_per_s": single["prefill_tokens_per_s"]}
-                for (c, b), row in rows.items():
-                    row[name] = single["decode"][c] if b == 1 else llama_batched(tools, gguf, c, b, steps, threads)
+                prefills.setdefault(name, []).append(single["prefill_tokens_per_s"])
+                decode.setdefault(name, []).append({(c, b): single["decode"][c] if b == 1 else
+                                                    llama_batched(tools, gguf, c, b, steps, threads) for c, b in cells})
                 print(name, single, file=sys.stderr, flush=True)
-    for row in rows.values():  # ratios to the references, within this run
-        for ref in ("llamacpp_f16", "hf_float32"):
+    rows = []
+    for c, b in cells:
+        row: dict = {"context": c, "batch": b}
+        row.update({name: _mean([r[c, b] for r in per_round]) for name, per_round in decode.items()})
+        row["per_round"] = {name: [round(r[c, b], 2) for r in per_round] for name, per_round in decode.items()}
+        for ref in ("llamacpp_f16", "hf_float32"):  # ratios to the references, within this run
             if ref in row:
-                row[f"vs_{ref}"] = {k: round(v / row[ref], 2) for k, v in row.items()
-                                    if k.startswith("ours_") and isinstance(v, float)}
+                row[f"vs_{ref}"] = {k: round(row[k] / row[ref], 2) for k in decode if k.startswith("ours_")}
+        rows.append(row)
+    for name in decode:
+        stacks.setdefault(name, {})
+        if name in prefills:
+            stacks[name]["prefill_tokens_per_s"] = round(_mean(prefills[name]), 1)
+            stacks[name]["prefill_per_round"] = [round(v, 1) for v in prefills[name]]
     result["student_decode_step_aten_ops_1x1k"] = {mode: decode_step_ops(student, 1024, mode == "eager")
                                                     for mode in modes}
-    result["stacks"] = {k: {kk: vv for kk, vv in v.items() if kk != "model_dir"} for k, v in stacks.items()}
-    result["decode_tokens_per_s"] = list(rows.values())
+    result["stacks"] = stacks
+    result["decode_tokens_per_s"] = rows
     return result
 
 
@@ -177,7 +195,7 @@ def configure(parser: argparse.ArgumentParser, ints) -> None:
     parser.add_argument("--contexts", type=ints, default=[1024, 4096, 8192])
     parser.add_argument("--batches", type=ints, default=[1, 8])
     parser.add_argument("--steps", type=int, default=16,
-                        help="timed decode steps per run of a cell (after one warm-up; two runs averaged)")
+                        help="timed decode steps per run of a cell (after one warm-up; the rounds' runs averaged)")
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes, comma-separated")

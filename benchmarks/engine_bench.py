@@ -98,13 +98,18 @@ def filled_engine(path: Path, batch: int, ctx: int, steps: int, dtype: str, devi
     return engine
 
 
-def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
-    """Decode tokens/s of this engine at a batch and context."""
-    engine = filled_engine(path, batch, ctx, steps, dtype)
+def timed_decode(engine: LLMEngine, steps: int) -> float:
+    """Decode tokens/s (the whole batch) of a filled engine over `steps` steps."""
+    batch = len(engine.scheduler.running)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     return batch * steps / (time.perf_counter() - t0)
+
+
+def engine_decode(path: Path, batch: int, ctx: int, steps: int, dtype: str) -> float:
+    """Decode tokens/s of this engine at a batch and context."""
+    return timed_decode(filled_engine(path, batch, ctx, steps, dtype), steps)
 
 
 def decode_step_ops(path: Path, ctx: int = 1024, enforce_eager: bool = True) -> dict:
