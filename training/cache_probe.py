@@ -127,6 +127,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (by_dist, by_layer) = plt.subplots(1, 2, figsize=(11, 4))
     for name, style in (("student", "o-"), ("zero-SSM", "x--")):
+        if name not in result["probe"]:
+            continue
         layers = result["probe"][name]["per_layer"]
         dists = sorted({int(j) for acc in layers.values() for j in acc})
         by_dist.plot(dists, [sum(acc.get(j, acc.get(str(j), 0)) for acc in layers.values()) / len(layers)
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--numbers", type=int, default=24, help="five-digit numbers per sequence")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-control", action="store_true",
+                        help="probe the student only (the zero-SSM control depends only on the teacher and P)")
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     parser.add_argument("--plot", type=Path, help="and a plot here")
     args = parser.parse_args(argv)
@@ -164,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                            args.numbers, args.seed)
     result = {"student": str(args.student), "chunk_size": student.config.chunk_size, "sequences": args.sequences,
               "numbers_per_sequence": args.numbers, "chance": 0.1, "probe": {}}
-    for name, model in (("student", student), ("zero-SSM", build_student(teacher, student.config, 0).eval())):
+    models = [("student", student)]
+    if not args.no_control:
+        models.append(("zero-SSM", build_student(teacher, student.config, 0).eval()))
+    for name, model in models:
         layers = probe(model, seqs)
         far = [a for acc in layers.values() for j, a in acc.items() if j > 0]
         result["probe"][name] = {"per_layer": layers, "mean_beyond_own_token": round(sum(far) / max(1, len(far)), 3)}
