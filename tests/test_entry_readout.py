@@ -102,3 +102,22 @@ def test_uptrain_with_the_readout_resumes_exactly(tmp_path, tokenizer_file) -> N
         torch.testing.assert_close(whole[k], parts[k], atol=0, rtol=0)
     state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=False)
     assert state["readout"]["maps"].abs().sum() > 0  # the maps trained and are kept with the run
+
+
+def test_the_layer_local_capacity_test_trains_one_layer(tmp_path, tokenizer_file) -> None:
+    from training.entry_capacity import fresh_ssms, layer_entries, teacher_views, train_layer
+
+    teacher, student = _student(tmp_path, tokenizer_file)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    train = [(torch.randint(0, student.config.vocab_size, (24,), generator=g).tolist(), []) for _ in range(4)]
+    fresh_ssms(student, 1, d_state=8, d_inner=16, seed=0)
+    assert student.blocks[1].attn.ssm_k.d_state == 8 and student.blocks[1].attn.ssm_v.d_inner == 16
+    u, kt, vt = teacher_views(teacher, torch.tensor([train[0][0]]), 1)
+    k, v = layer_entries(student, 1, u)
+    assert k.shape == kt.shape and v.shape == vt.shape
+    others = {n: p.clone() for n, p in student.named_parameters() if ".1.attn.ssm_" not in n}
+    log = train_layer(student, teacher, 1, train, steps=40, batch=2, lr=1e-2, log_every=10)
+    assert log[-1]["readout_loss"] < log[0]["readout_loss"]
+    assert all(torch.equal(p, others[n]) for n, p in student.named_parameters() if n in others)  # one layer only

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,13 +70,18 @@ def cached_entries(model: LM, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
     return [(k[0], v[0]) for k, v in forward_with_kv(model, torch.tensor([ids]))[1]]
 
 
-def samples(model: LM, seqs: Sequences) -> dict[int, list[tuple[int, int, int, Tensor]]]:
-    """Per layer: (sequence, distance, digit, the entry's features) for every digit token."""
+EntriesOf = Callable[[list[int]], dict[int, tuple[Tensor, Tensor]]]  # ids -> {layer: (K, V) [T, kv_dim]}
+
+
+def samples(model: LM, seqs: Sequences, entries_of: EntriesOf | None = None) -> dict[int, list[tuple[int, int, int, Tensor]]]:
+    """Per layer: (sequence, distance, digit, the entry's features) for every digit token. entries_of: where the
+    entries come from (default: every layer's, from the model's own forward)."""
+    entries_of = entries_of or (lambda ids: dict(enumerate(cached_entries(model, ids))))
     out: dict[int, list] = {}
     for s, (ids, digits) in enumerate(seqs):
-        entries = cached_entries(model, ids)
+        entries = entries_of(ids)
         pos = torch.arange(len(ids))
-        for layer, (k, v) in enumerate(entries):
+        for layer, (k, v) in entries.items():
             bnd = model.blocks[layer].attn.spec.is_boundary(pos).nonzero().flatten()
             for p, d in digits:
                 b = int(bnd[torch.searchsorted(bnd, p)]) if p <= int(bnd[-1]) else None  # the entry of p's chunk
@@ -100,11 +106,11 @@ def _acc(z: Tensor, y: Tensor, w: Tensor, rows: Tensor) -> float:
     return float(((z[rows] @ w).argmax(1) == y[rows]).double().mean())
 
 
-def probe(model: LM, seqs: Sequences) -> dict:
+def probe(model: LM, seqs: Sequences, entries_of: EntriesOf | None = None) -> dict:
     """Per layer, the held-out probe accuracy at each distance (sequences split 1/2 fit, 1/4 pick, 1/4 test)."""
     n = len(seqs)
     per_layer = {}
-    for layer, rows in sorted(samples(model, seqs).items()):
+    for layer, rows in sorted(samples(model, seqs, entries_of).items()):
         seq = torch.tensor([r[0] for r in rows])
         dist, y = torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
         x = torch.stack([r[3] for r in rows])

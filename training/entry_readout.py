@@ -41,16 +41,18 @@ class EntryReadout(nn.Module):
         # zeros: the loss starts at 1 (no read-out), and the entries get a gradient once the maps have one
         self.maps = nn.Parameter(torch.zeros(n_layers, max_chunk - 1, 2 * kv_dim, 2 * kv_dim))
 
-    def loss(self, student: LM, entries: LayerKV, targets: LayerKV) -> Tensor:
+    def loss(self, student: LM, entries: LayerKV, targets: LayerKV, layers: list[int] | None = None) -> Tensor:
         """Mean over layers of the read-outs' squared error over the student's current chunks (K and V parts each
-        normalised by their target's mean square), every entry and distance inside its chunk counted once."""
+        normalised by their target's mean square), every entry and distance inside its chunk counted once.
+        layers: the student's layers that entries and targets (and the maps, in order) belong to; default all."""
         cfg = student.config
         if cfg.chunk_size > self.maps.shape[1] + 1:
             raise ValueError(f"the read-out reaches {self.maps.shape[1]} tokens back, chunks are {cfg.chunk_size}")
         T = entries[0][0].shape[1]
         pos = torch.arange(T, device=self.maps.device)
         total = self.maps.new_zeros(())
-        for layer, ((ks, vs), (kt, vt), blk) in enumerate(zip(entries, targets, student.blocks)):
+        blocks = [student.blocks[i] for i in layers] if layers is not None else student.blocks
+        for layer, ((ks, vs), (kt, vt), blk) in enumerate(zip(entries, targets, blocks, strict=True)):
             bnd = blk.attn.spec.is_boundary(pos).nonzero().flatten()
             cid = chunk_ids(pos, cfg.chunk_size, blk.attn.spec.offset)
             entry = torch.cat([ks[:, bnd], vs[:, bnd]], -1).float()  # [B, n, 2 kv]
