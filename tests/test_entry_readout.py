@@ -112,8 +112,9 @@ def test_the_layer_local_capacity_test_trains_one_layer(tmp_path, tokenizer_file
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(3)
     train = [(torch.randint(0, student.config.vocab_size, (24,), generator=g).tolist(), []) for _ in range(4)]
-    fresh_ssms(student, 1, d_state=8, d_inner=16, seed=0)
-    assert student.blocks[1].attn.ssm_k.d_state == 8 and student.blocks[1].attn.ssm_v.d_inner == 16
+    fresh_ssms(student, 1, d_state=8, d_inner=16, conv_width=3, seed=0)
+    ssm = student.blocks[1].attn.ssm_k
+    assert (ssm.d_state, ssm.d_inner, ssm.conv_width) == (8, 16, 3)
     u, kt, vt = teacher_views(teacher, torch.tensor([train[0][0]]), 1)
     k, v = layer_entries(student, 1, u)
     assert k.shape == kt.shape and v.shape == vt.shape

@@ -6,8 +6,8 @@ and V-SSMs and an entry read-out (training/entry_readout.py) train on the read-o
 the entry, the teacher's K and V of the chunk's other tokens. The text is WikiText-2's training split with
 five-digit numbers placed in it. Before and after, the probe's ridge read-out measures how well the layer's
 entries give back the digits 0 .. P-1 tokens before them, on the probe's held-out test sequences. With
---ssm-state / --ssm-inner the layer gets fresh SSMs of that size instead of the student's (same heads): whether a
-larger state holds more of the chunk.
+--ssm-state / --ssm-inner / --conv-width the layer gets fresh SSMs of that size instead of the student's (same
+heads): whether a larger state, or a wider causal conv, holds more of the chunk.
 
     python -m training.entry_capacity --student checkpoints/attamba-smollm2-p8-l64 --layers 0,12 --steps 200 \
         --out docs/entry-capacity.json
@@ -63,12 +63,12 @@ def probe_layer(student: LM, teacher: LM, layer: int, seqs: Sequences) -> dict:
     return probe(student, seqs, entries_of)[layer]
 
 
-def fresh_ssms(student: LM, layer: int, d_state: int, d_inner: int, seed: int) -> None:
+def fresh_ssms(student: LM, layer: int, d_state: int, d_inner: int, conv_width: int, seed: int) -> None:
     """Replace the layer's K- and V-SSMs by fresh ones of this size (output projections at zero, as uptrain starts)."""
     cfg, attn = student.config, student.blocks[layer].attn
     torch.manual_seed(seed)
     for name in ("ssm_k", "ssm_v"):
-        ssm = ChunkSSM(cfg.d_model, d_inner, d_state, cfg.ssm_heads, cfg.conv_width, cfg.norm_eps, d_out=cfg.kv_dim)
+        ssm = ChunkSSM(cfg.d_model, d_inner, d_state, cfg.ssm_heads, conv_width, cfg.norm_eps, d_out=cfg.kv_dim)
         ssm.reset_parameters()
         torch.nn.init.zeros_(ssm.out_proj.weight)
         setattr(attn, name, ssm)
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ssm-state", type=int, help="fresh SSMs with this state size (default: the student's own)")
     parser.add_argument("--ssm-inner", type=int, help="fresh SSMs with this inner width")
+    parser.add_argument("--conv-width", type=int, help="fresh SSMs with this causal conv width")
     parser.add_argument("--train-sequences", type=int, default=64)
     parser.add_argument("--probe-sequences", type=int, default=48)
     parser.add_argument("--length", type=int, default=1024)
@@ -133,24 +134,24 @@ def main(argv: list[str] | None = None) -> int:
                                  args.length, 24, seed=0)
     train = probe_sequences(tokenizer, encode_corpus(tokenizer, read_split("train")), args.train_sequences,
                             args.length, 24, seed=1)
-    fresh = args.ssm_state is not None or args.ssm_inner is not None
+    fresh = any(x is not None for x in (args.ssm_state, args.ssm_inner, args.conv_width))
     result = {"student": str(args.student), "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "ssm_state": args.ssm_state or student.config.ssm_state,
-              "ssm_inner": args.ssm_inner or student.config.ssm_inner, "fresh_ssms": fresh, "layers": {}}
+              "ssm_inner": args.ssm_inner or student.config.ssm_inner,
+              "conv_width": args.conv_width or student.config.conv_width, "fresh_ssms": fresh, "layers": {}}
     for layer in layers:
         t0 = time.time()
         if fresh:
-            fresh_ssms(student, layer, result["ssm_state"], result["ssm_inner"], seed=layer)
+            fresh_ssms(student, layer, result["ssm_state"], result["ssm_inner"], result["conv_width"], seed=layer)
         before = probe_layer(student, teacher, layer, probe_seqs)
         log = train_layer(student, teacher, layer, train, args.steps, args.batch, args.lr, max(1, args.steps // 10))
         after = probe_layer(student, teacher, layer, probe_seqs)
         result["layers"][layer] = {"probe_before": before, "probe_after": after, "log": log,
                                    "seconds": round(time.time() - t0)}
         print(layer, "before", before, "after", after, flush=True)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+        if args.out:  # after every layer: a stopped run keeps what it measured
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
     return 0
 
 
