@@ -7,6 +7,9 @@ import torch
 from models.kv_spec import chunk_start
 from models.layers import apply_rope
 from models.loading import load_model
+from conftest import ENGINE
+from engine import LLM, SamplingParams
+from tests.test_engine import greedy_reference, prompts_of
 from tests.test_uptrain import _teacher, _uptrain
 from training.entry_readout import EntryReadout, forward_with_kv
 from training.uptrain import UptrainConfig, build_student, distillation_loss, student_config
@@ -90,7 +93,7 @@ def test_distillation_adds_the_weighted_readout(tmp_path, tokenizer_file) -> Non
 
 def test_uptrain_with_the_readout_resumes_exactly(tmp_path, tokenizer_file) -> None:
     teacher = _teacher(tmp_path, tokenizer_file)
-    flags = ("--readout-weight", "1", "--stage1-steps", "0")
+    flags = ("--readout-weight", "1", "--stage1-steps", "0", "--conv-width", "3")
     assert _uptrain(teacher, tmp_path / "whole", *flags) == 0
     assert _uptrain(teacher, tmp_path / "parts", *flags, "--max-minutes", "1e-9") == 0
     assert _uptrain(teacher, tmp_path / "parts", *flags, "--resume", "auto") == 0
@@ -102,6 +105,13 @@ def test_uptrain_with_the_readout_resumes_exactly(tmp_path, tokenizer_file) -> N
         torch.testing.assert_close(whole[k], parts[k], atol=0, rtol=0)
     state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=False)
     assert state["readout"]["maps"].abs().sum() > 0  # the maps trained and are kept with the run
+    # the student's conv width is the run's, and the engine serves it as the full forward decodes
+    student = load_model(tmp_path / "whole")
+    assert student.config.conv_width == 3
+    prompts = prompts_of([5, 9], student.config.vocab_size)
+    outs = LLM(str(tmp_path / "whole"), **ENGINE).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [greedy_reference(student, p, 6) for p in prompts]
 
 
 def test_the_layer_local_capacity_test_trains_one_layer(tmp_path, tokenizer_file) -> None:

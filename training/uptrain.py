@@ -76,6 +76,8 @@ class UptrainConfig:
     ssm_state: int = setting(16, "SSM state size N")
     ssm_inner: int = setting(64, "SSM inner width E")
     ssm_heads: int = setting(4, "SSM heads h")
+    conv_width: int = setting(4, "the SSMs' causal conv width (an entry holds the last conv_width tokens of its chunk "
+                              "sharply: training/entry_capacity.py)")
     seq_len: int = setting(256, "tokens per training row")
     batch_size: int = setting(4, "rows per step")
     stage1_steps: int = setting(200, "attention-transfer steps")
@@ -115,6 +117,8 @@ class UptrainConfig:
                             "lora_rank", "chat_frac", "recall_frac", "readout_weight") if getattr(self, n) < 0]
         bad += [n for n in ("lr1", "lr2", "grad_clip", "lr_lora", "lora_alpha", "recall_weight")
                 if getattr(self, n) <= 0]
+        if self.conv_width < 2:
+            bad.append("conv_width (at least 2)")
         if self.chat_frac + self.recall_frac > 1:
             bad.append("chat_frac + recall_frac")
         if self.recall_target not in RECALL_TARGETS:
@@ -143,7 +147,8 @@ def student_config(teacher: ModelConfig, uc: UptrainConfig, base_model: str) -> 
     if teacher.kind != "transformer":
         raise ValueError(f"the teacher must be a full-attention transformer, got kind {teacher.kind!r}")
     return teacher.replace(kind="attamba", chunk_size=uc.chunk_size, window=uc.window, ssm_state=uc.ssm_state,
-                           ssm_inner=uc.ssm_inner, ssm_heads=uc.ssm_heads, kv_skip="proj", base_model=base_model)
+                           ssm_inner=uc.ssm_inner, ssm_heads=uc.ssm_heads, conv_width=uc.conv_width, kv_skip="proj",
+                           base_model=base_model)
 
 
 def build_student(teacher: LM, cfg: ModelConfig, seed: int) -> LM:
