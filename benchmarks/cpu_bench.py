@@ -10,8 +10,9 @@ Stacks:
   Q8_0 requantization (`llama-quantize`), all built by `make llama-bench` from the pinned sdist.
 Decode tokens/s (total over the batch) at each context x batch: contexts are filled synthetically in this
 engine and in transformers (a decode step costs the same whatever the cached values), really in llama.cpp.
-Prefill tokens/s: one real prefill of --prefill-tokens random ids at batch 1. Ratios are against llama.cpp F16
-and transformers in the same run; the machine is shared and noisy, so compare only within one run.
+Prefill tokens/s: one real prefill of --prefill-tokens random ids at batch 1. Every value is the mean of ROUNDS
+rounds, each measuring every stack once. Ratios are against llama.cpp F16 and transformers in the same run; the
+machine is shared and noisy, so compare only within one run.
 """
 from __future__ import annotations
 
