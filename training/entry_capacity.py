@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.layers import apply_rope
 from models.lm import LM
 from models.loading import load_model
 from models.registry import resolve_model
@@ -31,7 +30,7 @@ from models.tokenizer import Tokenizer
 
 from .cache_probe import Sequences, probe, probe_sequences
 from .data import encode_corpus, read_split
-from .entry_readout import EntryReadout, forward_with_kv
+from .entry_readout import EntryReadout, entry_kv, forward_with_kv
 
 
 def teacher_views(teacher: LM, ids: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,7 +48,7 @@ def layer_entries(student: LM, layer: int, u: Tensor) -> tuple[Tensor, Tensor]:
     """The student layer's K (RoPE undone) and V [B, T, kv_dim] for input u, positions from 0."""
     pos = torch.arange(u.shape[1])
     _, k, v, _ = student.blocks[layer].attn.project(u, pos, None, None)
-    return apply_rope(k, -pos, student.config.rope_theta).flatten(-2), v.flatten(-2)
+    return entry_kv(student, k, v, pos)
 
 
 def probe_layer(student: LM, teacher: LM, layer: int, seqs: Sequences) -> dict:

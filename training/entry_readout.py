@@ -20,13 +20,20 @@ from models.ssm import chunk_ids
 LayerKV = list[tuple[Tensor, Tensor]]  # per layer: K (RoPE undone) and V, [B, T, kv_dim] each
 
 
-def forward_with_kv(model: LM, ids: Tensor) -> tuple[Tensor, LayerKV]:
+def entry_kv(model: LM, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's K [B, T, Hkv, D] (RoPE'd at pos) and V as the entries' features: K with its RoPE undone and V,
+    heads flattened ([B, T, kv_dim] each)."""
+    return apply_rope(k, -pos, model.config.rope_theta).flatten(-2), v.flatten(-2)
+
+
+def forward_with_kv(model: LM, ids: Tensor, keep: bool = True) -> tuple[Tensor, LayerKV]:
     """What model(ids) computes, as the final hidden states [B, T, d] (model.logits gives the logits), and every
-    layer's K (RoPE undone) and V."""
+    layer's entry_kv (an empty list when not `keep`)."""
     kv: LayerKV = []
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        kv.append((apply_rope(k, -pos, model.config.rope_theta).flatten(-2), v.flatten(-2)))
+        if keep:
+            kv.append(entry_kv(model, k, v, pos))
         return model.blocks[layer].attn.attend(q, k, v, pos)
 
     hidden, _ = model.extend(ids, 0, None, None, attend)

@@ -216,10 +216,11 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
     inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].flatten()
     w = torch.ones(targets.shape, device=batch.device) if weights is None else weights.flatten()
     w = w / w.sum()
+    keep = readout is not None  # the layers' K and V only feed the read-out
     with torch.no_grad():
-        t_hidden, t_kv = forward_with_kv(teacher, inputs)
+        t_hidden, t_kv = forward_with_kv(teacher, inputs, keep)
         t_logp = F.log_softmax(teacher.logits(t_hidden).flatten(0, 1), -1)
-    s_hidden, s_kv = forward_with_kv(student, inputs)
+    s_hidden, s_kv = forward_with_kv(student, inputs, keep)
     s_logp = F.log_softmax(student.logits(s_hidden).flatten(0, 1), -1)
     nll = F.nll_loss(s_logp, targets, reduction="none")
     per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
