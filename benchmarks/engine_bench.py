@@ -82,7 +82,8 @@ def sized_engine(path: Path, batch: int, tokens: int, dtype: str, threads: int |
     args = EngineArgs(dtype=dtype)
     layout = CacheLayout.for_model(ModelConfig.load(path), args.block_size, args.torch_dtype)
     per_seq = layout.slot_bytes + (layout.blocks(tokens) + 1) * layout.block_bytes
-    return LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch, max_num_batched_tokens=max(512, batch),
+    return LLMEngine(EngineArgs(model=str(path), max_num_seqs=batch,
+                                max_num_batched_tokens=max(args.max_num_batched_tokens, batch),
                                 cache_memory=batch * per_seq, max_model_len=tokens + 8, dtype=dtype,
                                 threads=threads or torch.get_num_threads(), device=device, quantization=quantization,
                                 enable_prefix_caching=False, enforce_eager=enforce_eager))  # _fill places sequences by hand

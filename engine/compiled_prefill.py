@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from models.layers import rope_tables
 from models.lm import LM, Block, BlockHalves, LayerSSMState
 from models.upcast import NATIVE_ROWS
 
@@ -58,7 +59,8 @@ def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | No
     x = torch.zeros(rows, WARM_UP_TOKENS, cfg.d_model, dtype=model.dtype, device=device)
     pos = torch.arange(WARM_UP_TOKENS, device=device).repeat(rows, 1)  # [rows, T], contiguous as the engine's
     last = torch.full((rows,), WARM_UP_TOKENS - 1, device=device)
-    q, _, _, _ = halves.project(blk, x, pos, state, last, False, halves.offsets[0])
+    rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)  # as LM.extend passes them
+    q, _, _, _ = halves.project(blk, x, pos, state, last, False, halves.offsets[0], rope)
     halves.finish(blk, x, torch.zeros_like(q))
     return time.perf_counter() - t0
 

@@ -34,7 +34,7 @@ from kernels import decode_attention, prefill_attention, ssm_step, store_kv
 from .attention import block_attention
 from .config import ModelConfig
 from .kv_spec import CacheSpec, chunk_start
-from .layers import RMSNorm, SwiGLU, apply_rope, linear, pack_, pack_linears, rms_norm, rotate, trunc_normal_
+from .layers import RMSNorm, SwiGLU, apply_rope, linear, pack_, pack_linears, rms_norm, rope_tables, rotate, trunc_normal_
 from .paged import DecodeMetadata, LayerCache, LayerMetadata, PrefillMetadata
 from .ssm import ChunkSSM, SSMState
 
@@ -67,8 +67,8 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 @dataclass(frozen=True)
 class BlockHalves:
     """What runs Block.project and Block.finish in place of the methods on the reference paths (the compiled
-    prefill, engine/compiled_prefill.py): project(block, x, pos, state, last, mamba, offsets[layer]), with each
-    layer's chunk offset as a 0-d tensor, and finish(block, x, o)."""
+    prefill, engine/compiled_prefill.py): project(block, x, pos, state, last, mamba, offsets[layer], rope), with
+    each layer's chunk offset as a 0-d tensor and the step's RoPE tables, and finish(block, x, o)."""
 
     project: Callable[..., tuple[Tensor, Tensor, Tensor, LayerSSMState | None]]
     finish: Callable[..., Tensor]
@@ -189,12 +189,13 @@ class Attention(nn.Module):
 
     def project(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
-        offset: Tensor | None = None,
+        offset: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
         """u: [B, T, d] at positions pos [T] or [B, T] -> q [B, T, H, D], k, v [B, T, Hkv, D] (RoPE applied).
         mamba: the SSMs run mamba-ssm's kernels (see ChunkSSM.forward). offset: the layer's chunk offset as a
-        0-d tensor (engine/compiled_prefill.py: one graph serves layers of every offset); default its spec's."""
-        theta = self.cfg.rope_theta
+        0-d tensor (engine/compiled_prefill.py: one graph serves layers of every offset); default its spec's.
+        rope: rope_tables(pos) made once for every layer (LM.extend), default made here."""
+        cos, sin = rope if rope is not None else rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta)
         q = self._heads(self.wq(u))
         if self.cfg.has_ssm:
             P, offset = self.cfg.chunk_size, self.spec.offset if offset is None else offset
@@ -204,7 +205,7 @@ class Attention(nn.Module):
             new_state = LayerSSMState(sk, sv) if last is not None else None
         else:
             k, v, new_state = self._heads(self.wk(u), True), self._heads(self.wv(u), True), None
-        return apply_rope(q, pos, theta), apply_rope(k, pos, theta), v, new_state
+        return rotate(q, cos, sin), rotate(k, cos, sin), v, new_state
 
     def project_step(
         self, u: Tensor, pos: Tensor, state: LayerSSMState | None,
@@ -237,9 +238,10 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
     def project(self, x: Tensor, pos: Tensor, state: LayerSSMState | None, last: Tensor | None, mamba: bool = False,
-                offset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
+                offset: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                ) -> tuple[Tensor, Tensor, Tensor, LayerSSMState | None]:
         """First half of the block on the reference paths: the attention's inputs (see Attention.project)."""
-        return self.attn.project(self.attn_norm(x), pos, state, last, mamba, offset)
+        return self.attn.project(self.attn_norm(x), pos, state, last, mamba, offset, rope)
 
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
         """Second half of the block on the reference paths, after attention output o [..., H, D]."""
@@ -345,11 +347,14 @@ class LM(nn.Module):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         pos = pos + (start[:, None] if isinstance(start, Tensor) else start)
         x = self.embed(input_ids)
+        # made once for every layer: inside a compiled layer the tables' pow, cos and sin were fused into the
+        # rotation and recomputed for every head (~5 % of a 1k prefill)
+        rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
         new_states = []
         project, finish = (halves.project, halves.finish) if halves else (Block.project, Block.finish)
         for i, blk in enumerate(self.blocks):
             offset = halves.offsets[i] if halves else None  # None: the layer's own
-            q, k, v, st = project(blk, x, pos, states[i] if states else None, last, mamba, offset)
+            q, k, v, st = project(blk, x, pos, states[i] if states else None, last, mamba, offset, rope)
             x = finish(blk, x, attend(i, q, k, v, pos))
             new_states.append(st)
         return x, (new_states if self.config.has_ssm and last is not None else None)

@@ -12,7 +12,8 @@ from engine import LLM, SamplingParams
 from tests.test_engine import greedy_reference, prompts_of
 from tests.test_uptrain import _teacher, _uptrain
 from training.entry_readout import EntryReadout, forward_with_kv
-from training.uptrain import UptrainConfig, build_student, distillation_loss, student_config
+from training.uptrain import (UptrainConfig, attention_transfer_loss, build_student, distillation_loss,
+                             student_config)
 
 
 def _student(tmp_path, tokenizer_file, chunk_size: int = 4):
@@ -89,6 +90,43 @@ def test_distillation_adds_the_weighted_readout(tmp_path, tokenizer_file) -> Non
     both, with_readout = distillation_loss(teacher, student, batch, 0.1, readout=readout, readout_weight=0.5)
     assert "readout" not in stats and with_readout["readout"] > 0
     torch.testing.assert_close(both, plain + 0.5 * torch.tensor(with_readout["readout"]))
+
+
+def test_stage_one_adds_the_weighted_readout_layer_locally(tmp_path, tokenizer_file) -> None:
+    teacher, student = _student(tmp_path, tokenizer_file)
+    ids = torch.randint(0, student.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(4))
+    readout = EntryReadout(student.config.n_layers, student.config.kv_dim, 4)
+    torch.nn.init.normal_(readout.maps, std=0.1)
+    plain, stats = attention_transfer_loss(teacher, student, ids)
+    both, with_readout = attention_transfer_loss(teacher, student, ids, readout, 0.5)
+    assert "readout" not in stats and with_readout["readout"] > 0
+    torch.testing.assert_close(both, plain + 0.5 * torch.tensor(with_readout["readout"]))
+    # the read-out's own value: the same loss on the layer-local K and V (teacher's hidden states in every layer)
+    x, pos, entries, targets = teacher.embed(ids), torch.arange(17), [], []
+    for t_blk, s_blk in zip(teacher.blocks, student.blocks):
+        u = t_blk.attn_norm(x)
+        q, k, v, _ = t_blk.attn.project(u, pos, None, None)
+        _, ks, vs, _ = s_blk.attn.project(u, pos, None, None)
+        entries.append((apply_rope(ks, -pos, student.config.rope_theta).flatten(-2), vs.flatten(-2)))
+        targets.append((apply_rope(k, -pos, teacher.config.rope_theta).flatten(-2), v.flatten(-2)))
+        x = t_blk.finish(x, t_blk.attn.attend(q, k, v, pos))  # the teacher's own layer
+    torch.testing.assert_close(torch.tensor(with_readout["readout"]), _naive_loss(readout, student, entries, targets))
+    both.backward()
+    assert readout.maps.grad.abs().sum() > 0 and student.blocks[-1].attn.ssm_k.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_run_from_a_narrower_conv_starts_as_it(tmp_path, tokenizer_file) -> None:
+    """init_from with a wider conv_width: the older taps start at zero, so the new student computes the old one."""
+    teacher = _teacher(tmp_path, tokenizer_file)
+    assert _uptrain(teacher, tmp_path / "narrow", "--conv-width", "3") == 0
+    assert _uptrain(teacher, tmp_path / "wide", "--conv-width", "6", "--init-from", str(tmp_path / "narrow"),
+                    "--stage1-steps", "0", "--stage2-steps", "0") == 0
+    narrow, wide = load_model(tmp_path / "narrow"), load_model(tmp_path / "wide")
+    assert (narrow.config.conv_width, wide.config.conv_width) == (3, 6)
+    ids = torch.randint(0, narrow.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(wide(ids), narrow(ids))
+    assert _uptrain(teacher, tmp_path / "wider", "--conv-width", "2", "--init-from", str(tmp_path / "narrow"),
+                    "--stage1-steps", "0", "--stage2-steps", "0") != 0  # a narrower conv would drop taps
 
 
 def test_uptrain_with_the_readout_resumes_exactly(tmp_path, tokenizer_file) -> None:

@@ -96,7 +96,7 @@ def test_serve_help_documents_every_flag_and_its_default(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     options = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
-    for flag, default in [("--max-num-seqs", "32"), ("--max-num-batched-tokens", "512"), ("--block-size", "16"),
+    for flag, default in [("--max-num-seqs", "32"), ("--max-num-batched-tokens", "2048"), ("--block-size", "16"),
                           ("--max-waiting", "256"), ("--dtype", "auto"), ("--quantization", "none"),
                           ("--grace-period", "30.0")]:
         assert f"(default: {default})" in options.split(f" {flag} ", 1)[1].split(" --", 1)[0], flag

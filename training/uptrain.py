@@ -45,7 +45,7 @@ from server.chat import load_chat_template
 
 from .corpus import SOURCES, summaries, training_ids
 from .data import batches
-from .entry_readout import EntryReadout, forward_with_kv
+from .entry_readout import EntryReadout, entry_kv, forward_with_kv
 from .lora import add_lora, load_lora_factors, lora_factors, parse_targets
 from .loop import Loop, RunDir, WarmupCosine, restore_rngs
 from .mixture import Mixture, MixtureConfig
@@ -106,7 +106,7 @@ class UptrainConfig:
     recall_target: str = setting("teacher", "a recall answer's target: the teacher's distribution, or 'corrected': "
                                  "the stated value wherever the teacher's argmax misses it", choices=RECALL_TARGETS)
     autocast: bool = setting(False, "bf16 autocast for teacher and student (CPU with native bf16)")
-    readout_weight: float = setting(0.0, "stage-2 weight of the entry read-out loss (training/entry_readout.py: each "
+    readout_weight: float = setting(0.0, "weight of the entry read-out loss in both stages (training/entry_readout.py: each "
                                     "cached chunk entry must give back the teacher's K and V of its chunk); 0: off")
 
     def __post_init__(self) -> None:
@@ -177,18 +177,30 @@ def is_trainable(name: str) -> bool:
     return is_ssm(name) or name.endswith((".lora_a", ".lora_b"))
 
 
+def widen_conv(weight: Tensor, shape: torch.Size) -> Tensor:
+    """A causal conv's taps [C, W] for a conv [C, W'] at least as wide: the older W' - W taps start at zero, so the
+    wider conv computes what the narrower one did (the last tap reads the current token); other shapes as they are."""
+    extra = shape[-1] - weight.shape[-1]
+    if weight.dim() != 2 or extra <= 0 or weight.shape[0] != shape[0]:
+        return weight
+    return torch.cat([weight.new_zeros(weight.shape[0], extra), weight], 1)
+
+
 def trainable_state(model: LM) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if is_trainable(k)}
 
 
 # ---- losses ---------------------------------------------------------------------------------------
-def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
+def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor, readout: EntryReadout | None = None,
+                            readout_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """Stage 1: mean over layers of ||attn_student - attn_teacher||^2 / ||attn_teacher||^2, every layer
-    fed the teacher's own hidden state (no gradient crosses layers)."""
+    fed the teacher's own hidden state (no gradient crosses layers); returns (loss, stats: transfer). With a
+    `readout`, readout_weight x its loss on the layers' entries joins (stats: readout), layer-local as well."""
     pos = torch.arange(ids.shape[1], device=ids.device)
     with torch.no_grad():
         x = teacher.embed(ids)
     total = ids.new_zeros((), dtype=torch.float32)
+    s_kv, t_kv = [], []
     for t_blk, s_blk in zip(teacher.blocks, student.blocks):
         with torch.no_grad():
             u = t_blk.attn_norm(x)
@@ -198,9 +210,18 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor) -> Tensor:
         _, ks, vs, _ = s_blk.attn.project(u, pos, None, None)
         out = s_blk.attn.wo(s_blk.attn.attend(q, ks, vs, pos).flatten(-2))
         total = total + (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+        if readout is not None:
+            s_kv.append(entry_kv(student, ks, vs, pos))
+            t_kv.append(entry_kv(teacher, k, v, pos))
         with torch.no_grad():
             x = t_blk.finish(x, o_t)
-    return total / len(student.blocks)
+    loss = total / len(student.blocks)
+    stats = {"transfer": loss.item()}
+    if readout is not None:
+        aux = readout.loss(student, s_kv, t_kv)
+        stats["readout"] = aux.item()
+        loss = loss + readout_weight * aux
+    return loss, stats
 
 
 def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float, weights: Tensor | None = None,
@@ -271,15 +292,17 @@ class Run:
         self.opt = self._optimizer()
 
     def _init_ssms(self, path: Path) -> None:
-        """Start from the SSM weights of an earlier student checkpoint (same teacher and SSM sizes), and its
-        adapter factors, if it has them, once stage 2 adds adapters (see _add_adapters)."""
+        """Start from the SSM weights of an earlier student checkpoint (same teacher and SSM sizes, a conv as
+        wide or narrower: see widen_conv), and its adapter factors, if it has them, once stage 2 adds adapters
+        (see _add_adapters)."""
         from safetensors.torch import load_file
 
         if not (path / "model.safetensors").is_file():
             raise ValueError(f"init_from: {path} holds no model.safetensors")
         own = self.student.state_dict()
         stored = load_file(str(path / "model.safetensors"))
-        ssm = {k: v for k, v in stored.items() if is_ssm(k)}
+        ssm = {k: widen_conv(v, own[k].shape) if k in own and k.endswith("conv_weight") else v
+               for k, v in stored.items() if is_ssm(k)}
         bad = [k for k, v in ssm.items() if k not in own or own[k].shape != v.shape]
         if not ssm or bad or set(ssm) != {k for k in own if is_ssm(k)}:
             raise ValueError(f"init_from: {path} does not hold this student's SSMs (mismatched: {bad[:3]})")
@@ -298,8 +321,8 @@ class Run:
         groups = [{"params": self.params, "peak": self.uc.lr1 if self.stage == 1 else self.uc.lr2}]
         if self.stage == 2 and self.lora_params:
             groups.append({"params": self.lora_params, "peak": self.uc.lr_lora})
-        if self.stage == 2 and self.readout is not None:
-            groups.append({"params": list(self.readout.parameters()), "peak": self.uc.lr2})
+        if self.readout is not None:
+            groups.append({"params": list(self.readout.parameters()), "peak": groups[0]["peak"]})
         for g in groups:
             g["lr"] = g["peak"]
         return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=self.uc.weight_decay)
@@ -379,12 +402,13 @@ class Run:
                 self.student.set_chunk_size(record["chunk_size"])
             with torch.autocast("cpu", torch.bfloat16, enabled=uc.autocast):
                 if self.stage == 1:
-                    loss = attention_transfer_loss(self.teacher, self.student, batch[:, :-1])
+                    loss, stats = attention_transfer_loss(self.teacher, self.student, batch[:, :-1], self.readout,
+                                                          uc.readout_weight)
                 else:
                     loss, stats = distillation_loss(self.teacher, self.student, batch, uc.ce_weight, weights,
                                                     answers, uc.recall_target == "corrected", self.readout,
                                                     uc.readout_weight)
-                    record.update(stats)
+            record.update(stats)
             loss.backward()
             if sizes:
                 self.student.set_chunk_size(uc.chunk_size)  # what the export and every check between steps see
