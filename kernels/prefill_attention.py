@@ -13,8 +13,8 @@ models/kv_spec.py, so no rule about which keys are kept is written here):
 Query heads share KV heads in groups (query head i reads KV head i // (H / Hkv)). A query that
 reads no key gives zeros.
 `prefill_attention` gathers, per block of BLOCK_Q queries, only what the block can read: the
-boundary entries the block's queries count at most (one host sync per call), the ring, and the
-chunk keys from `window` positions before the block (k_last never exceeds a key's position plus
+boundary entries the block's queries count at most (one host sync per call), the ring if one of them
+reads it, and the chunk keys from `window` positions before the block (k_last never exceeds a key's position plus
 `window`) to its end; then one scaled_dot_product_attention (a fused kernel on CUDA).
 `prefill_attention_ref` is the naive twin (every key, a dense mask, an fp32 softmax) it is tested
 against.
@@ -77,20 +77,24 @@ def prefill_attention(
     ring_k, ring_v = _rings(win_k, slots, q.dtype), _rings(win_v, slots, q.dtype)
     starts = list(range(0, T, BLOCK_Q))
     ends = [min(a + BLOCK_Q, T) for a in starts]
-    # the most boundary entries any query up to each block's end reads (counts grow along a row)
-    reach = bnd_count.amax(0).cummax(0).values[torch.tensor(ends, device=q.device) - 1].tolist()
+    first = torch.tensor(starts, device=q.device)
+    # the most boundary entries any query up to each block's end reads (counts grow along a row), and whether
+    # any query of the block reads the ring (positions grow along a row: its first query reads most); one sync
+    reach = bnd_count.amax(0).cummax(0).values[first.new_tensor(ends) - 1]
+    rings = (win_last.amax(-1, keepdim=True) >= q_pos[:, first]).any(0) if win_last.shape[-1] else first < 0
     idx = torch.arange(T, device=q.device)
     outs = []
-    for a, e, n in zip(starts, ends, reach):
+    for a, e, n, ring in zip(starts, ends, *torch.stack([reach, rings.long()]).tolist()):
         t = q_pos[:, a:e, None]  # [B, tb, 1]
         lo = max(0, a - window)  # the band of chunk keys the block can read
         tables = block_tables[:, : cdiv(n, block_size)]
         ctx_k, ctx_v = (cast(c[tables].flatten(1, 2)[:, :n], q.dtype) for c in (k_cache, v_cache))
-        keys = torch.cat([ctx_k, ring_k, k[:, lo:e]], 1).transpose(1, 2)  # [B, Hkv, n + W + e - lo, D]
-        vals = torch.cat([ctx_v, ring_v, v[:, lo:e]], 1).transpose(1, 2)
+        w = ring_k.shape[1] if ring else 0  # a ring no query of the block reads (a fresh row's) is left out
+        keys = torch.cat([ctx_k, ring_k[:, :w], k[:, lo:e]], 1).transpose(1, 2)  # [B, Hkv, n + w + e - lo, D]
+        vals = torch.cat([ctx_v, ring_v[:, :w], v[:, lo:e]], 1).transpose(1, 2)
         mask = torch.cat([
             torch.arange(n, device=q.device) < bnd_count[:, a:e, None],
-            t <= win_last[:, None, :],
+            t <= win_last[:, None, :w],
             (idx[lo:e] <= idx[a:e, None]) & (t <= k_last[:, None, lo:e]),
         ], -1)  # [B, tb, S]
         seen = mask.any(-1, keepdim=True)  # a query with no key reads every one, then gives zeros
