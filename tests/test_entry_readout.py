@@ -115,16 +115,20 @@ def test_stage_one_adds_the_weighted_readout_layer_locally(tmp_path, tokenizer_f
     assert readout.maps.grad.abs().sum() > 0 and student.blocks[-1].attn.ssm_k.in_proj.weight.grad.abs().sum() > 0
 
 
-def test_a_run_from_a_narrower_conv_starts_as_it(tmp_path, tokenizer_file) -> None:
-    """init_from with a wider conv_width: the older taps start at zero, so the new student computes the old one."""
+def test_a_run_from_a_narrower_conv_keeps_its_taps_as_the_newest(tmp_path, tokenizer_file) -> None:
+    """init_from with a wider conv_width: the newest taps are init_from's, the older ones a fresh student's."""
     teacher = _teacher(tmp_path, tokenizer_file)
     assert _uptrain(teacher, tmp_path / "narrow", "--conv-width", "3") == 0
-    assert _uptrain(teacher, tmp_path / "wide", "--conv-width", "6", "--init-from", str(tmp_path / "narrow"),
-                    "--stage1-steps", "0", "--stage2-steps", "0") == 0
-    narrow, wide = load_model(tmp_path / "narrow"), load_model(tmp_path / "wide")
-    assert (narrow.config.conv_width, wide.config.conv_width) == (3, 6)
-    ids = torch.randint(0, narrow.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(wide(ids), narrow(ids))
+    wide_flags = ("--conv-width", "6", "--stage1-steps", "0", "--stage2-steps", "0")
+    assert _uptrain(teacher, tmp_path / "fresh", *wide_flags) == 0
+    assert _uptrain(teacher, tmp_path / "wide", *wide_flags, "--init-from", str(tmp_path / "narrow")) == 0
+    narrow, fresh, wide = (load_model(tmp_path / d).state_dict() for d in ("narrow", "fresh", "wide"))
+    convs = [k for k in wide if k.endswith("conv_weight")]
+    assert convs and all(wide[k].shape[1] == 6 and narrow[k].shape[1] == 3 for k in convs)
+    for k in convs:
+        torch.testing.assert_close(wide[k][:, 3:], narrow[k], atol=0, rtol=0)
+        torch.testing.assert_close(wide[k][:, :3], fresh[k][:, :3], atol=0, rtol=0)
+        assert wide[k][:, :3].abs().mean() > 0.1
     assert _uptrain(teacher, tmp_path / "wider", "--conv-width", "2", "--init-from", str(tmp_path / "narrow"),
                     "--stage1-steps", "0", "--stage2-steps", "0") != 0  # a narrower conv would drop taps
 
