@@ -51,7 +51,7 @@ def engine_decode(model_dir: Path, dtype: str, batch: int, ctx: int, steps: int,
 
 
 def engine_ttft(model_dir: Path, dtype: str, ctx: int, threads: int, quantization: str | None = None) -> float:
-    """Seconds from add_request to the first token of a `ctx`-token prompt (chunked prefill under the engine's default tokens a step)."""
+    """Seconds from add_request to the first token of a `ctx`-token prompt (the engine's default tokens a step)."""
     engine = sized_engine(model_dir, 1, ctx + 8, dtype, threads, quantization=quantization)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     ids = _ids(ctx, engine.runner.model.config.vocab_size)

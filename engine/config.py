@@ -57,7 +57,7 @@ class EngineArgs:
 
     model: str = setting("checkpoints/attamba-wt2", "checkpoint directory or named model, e.g. smollm2-135m")
     max_num_seqs: int = setting(32, "most sequences running at once")
-    # llama.cpp's default batch (-b); a 1k prompt in one step prefilled ~12 % faster than in two of 512 (docs/cpu.md)
+    # llama.cpp's default batch (-b); a 1k prompt in one step prefilled ~17 % faster than in two of 512 (docs/cpu.md)
     max_num_batched_tokens: int = setting(2048, "tokens one engine step computes: prefill chunks plus decodes")
     cache_memory: int = setting(1 << 30, "bytes for the whole cache (boundary blocks + state slots), e.g. 2GiB "
                                 "or 500MB", parse=parse_bytes, shown="1GiB")
