@@ -41,15 +41,15 @@ def test_forward_with_kv_is_the_forward_and_its_kv(tmp_path, tokenizer_file) -> 
 
 
 def _naive_loss(readout: EntryReadout, student, entries, targets) -> torch.Tensor:
-    """The same loss, one (entry, distance) pair at a time."""
+    """The same loss, one (entry, distance) pair at a time; targets: per layer, the parts to give back."""
     P = student.config.chunk_size
     total = torch.zeros(())
-    for layer, ((ks, vs), (kt, vt), blk) in enumerate(zip(entries, targets, student.blocks)):
-        T, half = ks.shape[1], ks.shape[-1]
+    for layer, ((ks, vs), parts, blk) in enumerate(zip(entries, targets, student.blocks)):
+        T = ks.shape[1]
         pos = torch.arange(T)
         bnd, start = blk.attn.spec.is_boundary(pos), chunk_start(pos, P, blk.attn.spec.offset)
-        sq = {"k": [], "v": []}
-        ms = {"k": [], "v": []}
+        sq = [[] for _ in parts]
+        ms = [[] for _ in parts]
         for b in range(T):
             if not bnd[b]:
                 continue
@@ -57,11 +57,14 @@ def _naive_loss(readout: EntryReadout, student, entries, targets) -> torch.Tenso
                 if b - j < 0 or any(start[b - j + 1 : b + 1]):  # a chunk starts between b - j and b
                     continue
                 pred = torch.cat([ks[:, b], vs[:, b]], -1) @ readout.maps[layer, j - 1]
-                for name, part, want in (("k", slice(None, half), kt[:, b - j]), ("v", slice(half, None), vt[:, b - j])):
-                    sq[name].append((pred[:, part] - want).pow(2))
-                    ms[name].append(want.pow(2))
-        for name in ("k", "v"):
-            total = total + torch.cat(sq[name]).mean() / torch.cat(ms[name]).mean() / 2
+                lo = 0
+                for i, t in enumerate(parts):
+                    want = t[:, b - j]
+                    sq[i].append((pred[:, lo : lo + want.shape[-1]] - want).pow(2))
+                    ms[i].append(want.pow(2))
+                    lo += want.shape[-1]
+        for i in range(len(parts)):
+            total = total + torch.cat(sq[i]).mean() / torch.cat(ms[i]).mean() / len(parts)
     return total / len(entries)
 
 
@@ -79,6 +82,27 @@ def test_the_readout_loss_equals_a_naive_loop_and_reaches_the_ssms(tmp_path, tok
     loss.backward()
     assert student.blocks[0].attn.ssm_k.in_proj.weight.grad.abs().sum() > 0
     assert student.blocks[-1].attn.ssm_v.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_token_target_reads_back_embeddings_in_every_layer(tmp_path, tokenizer_file) -> None:
+    teacher, student = _student(tmp_path, tokenizer_file)
+    ids = torch.randint(0, student.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(6))
+    _, entries = forward_with_kv(student, ids)
+    cfg = student.config
+    readout = EntryReadout(cfg.n_layers, cfg.kv_dim, cfg.chunk_size, "tokens", cfg.d_model)
+    assert readout.maps.shape[-1] == cfg.d_model and not readout.reads_teacher_kv
+    targets = readout.wanted(teacher, ids, [])
+    assert len(targets) == cfg.n_layers and all(torch.equal(t[0], teacher.embed(ids).float()) for t in targets)
+    torch.nn.init.normal_(readout.maps, std=0.1)
+    loss = readout.loss(student, entries, targets)
+    torch.testing.assert_close(loss, _naive_loss(readout, student, entries, targets))
+    loss.backward()
+    assert student.blocks[-1].attn.ssm_v.in_proj.weight.grad.abs().sum() > 0
+    # both stages take it (stage 2 then runs the teacher without keeping its K and V)
+    batch = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(7))
+    _, stats1 = attention_transfer_loss(teacher, student, batch[:, :-1], readout, 1.0)
+    _, stats2 = distillation_loss(teacher, student, batch, 0.1, readout=readout, readout_weight=1.0)
+    assert stats1["readout"] > 0 and stats2["readout"] > 0
 
 
 def test_distillation_adds_the_weighted_readout(tmp_path, tokenizer_file) -> None:
@@ -135,7 +159,7 @@ def test_a_run_from_a_narrower_conv_keeps_its_taps_as_the_newest(tmp_path, token
 
 def test_uptrain_with_the_readout_resumes_exactly(tmp_path, tokenizer_file) -> None:
     teacher = _teacher(tmp_path, tokenizer_file)
-    flags = ("--readout-weight", "1", "--stage1-steps", "0", "--conv-width", "3")
+    flags = ("--readout-weight", "1", "--stage1-steps", "1", "--conv-width", "3", "--readout-target", "tokens")
     assert _uptrain(teacher, tmp_path / "whole", *flags) == 0
     assert _uptrain(teacher, tmp_path / "parts", *flags, "--max-minutes", "1e-9") == 0
     assert _uptrain(teacher, tmp_path / "parts", *flags, "--resume", "auto") == 0

@@ -226,7 +226,7 @@ def test_uptrain_settings_through_their_flags_over_a_config_file(tmp_path: Path)
              "threads": 2, "seed": 3, "corpus": "wikitext2,shakespeare", "train_text": "a.txt", "init_from": "ckpt",
              "lora_rank": 16, "lora_alpha": 8.0, "lora_targets": "wq", "lr_lora": 1e-4, "chat_frac": 0.25,
              "recall_frac": 0.25, "recall_weight": 5.0, "recall_target": "corrected", "chunk_sizes": "4,8", "teacher_chats": True,
-             "autocast": True, "readout_weight": 0.5, "conv_width": 8}
+             "autocast": True, "readout_weight": 0.5, "conv_width": 8, "readout_target": "tokens"}
     non_defaults(UptrainConfig, {k: (v, v) for k, v in table.items()})
     parser = parser_of(uptrain)
     assert uptrain.load_uptrain_config(parser.parse_args(["--out", "o", *argv_of(table)])) == UptrainConfig(**table)

@@ -7,6 +7,10 @@ its RoPE undone, and V) and must give back the teacher's own K (RoPE undone) and
 chunk, the keys and values full attention would have read there; its error, normalised by the target's mean
 square, is the loss, and its gradient reaches the SSMs (and the adapters) through the entry. The maps train
 with the SSMs and are kept in the run's state but not exported: serving never reads them.
+
+Above the first layer the teacher's K and V are mostly context that an entry can predict without its chunk's
+tokens (docs/uptrain.md, stops 33-34: the loss falls, the tokens stay unreadable), so the target can instead be
+the token embedding at b - j (`target="tokens"`), which names the token itself, in every layer.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from models.lm import LM
 from models.ssm import chunk_ids
 
 LayerKV = list[tuple[Tensor, Tensor]]  # per layer: K (RoPE undone) and V, [B, T, kv_dim] each
+READOUT_TARGETS = ("kv", "tokens")
 
 
 def entry_kv(model: LM, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,17 +46,37 @@ def forward_with_kv(model: LM, ids: Tensor, keep: bool = True) -> tuple[Tensor, 
 
 
 class EntryReadout(nn.Module):
-    """maps[l, j-1]: layer l's entry [K, V] (2 kv_dim) -> the teacher's [K, V] j tokens before it, j < max_chunk."""
+    """maps[l, j-1]: layer l's entry [K, V] (2 kv_dim) -> what sat j tokens before it, j < max_chunk: the teacher's
+    [K, V] there (target "kv"), or that token's embedding (target "tokens", d_model wide)."""
 
-    def __init__(self, n_layers: int, kv_dim: int, max_chunk: int) -> None:
+    def __init__(self, n_layers: int, kv_dim: int, max_chunk: int, target: str = "kv", d_model: int = 0) -> None:
         super().__init__()
+        if target not in READOUT_TARGETS:
+            raise ValueError(f"read-out target must be one of {READOUT_TARGETS}, got {target!r}")
+        self.target = target
+        out = 2 * kv_dim if target == "kv" else d_model
         # zeros: the loss starts at 1 (no read-out), and the entries get a gradient once the maps have one
-        self.maps = nn.Parameter(torch.zeros(n_layers, max_chunk - 1, 2 * kv_dim, 2 * kv_dim))
+        self.maps = nn.Parameter(torch.zeros(n_layers, max_chunk - 1, 2 * kv_dim, out))
 
-    def loss(self, student: LM, entries: LayerKV, targets: LayerKV, layers: list[int] | None = None) -> Tensor:
-        """Mean over layers of the read-outs' squared error over the student's current chunks (K and V parts each
-        normalised by their target's mean square), every entry and distance inside its chunk counted once.
-        layers: the student's layers that entries and targets (and the maps, in order) belong to; default all."""
+    @property
+    def reads_teacher_kv(self) -> bool:
+        return self.target == "kv"
+
+    def wanted(self, teacher: LM, ids: Tensor, teacher_kv: LayerKV) -> list[tuple[Tensor, ...]]:
+        """Per layer, the parts [B, T, *] to give back, each normalised on its own in the loss: the teacher's K and
+        V (teacher_kv), or the embeddings of ids (teacher_kv unused)."""
+        if self.reads_teacher_kv:
+            return teacher_kv
+        with torch.no_grad():
+            emb = teacher.embed(ids).float()
+        return [(emb,)] * self.maps.shape[0]
+
+    def loss(self, student: LM, entries: LayerKV, targets: list[tuple[Tensor, ...]],
+             layers: list[int] | None = None) -> Tensor:
+        """Mean over layers of the read-outs' squared error over the student's current chunks (each target part,
+        K and V or the embedding, normalised by its mean square), every entry and distance inside its chunk
+        counted once. layers: the student's layers that entries and targets (and the maps, in order) belong to;
+        default all."""
         cfg = student.config
         if cfg.chunk_size > self.maps.shape[1] + 1:
             raise ValueError(f"the read-out reaches {self.maps.shape[1]} tokens back, chunks are {cfg.chunk_size}")
@@ -59,7 +84,7 @@ class EntryReadout(nn.Module):
         pos = torch.arange(T, device=self.maps.device)
         total = self.maps.new_zeros(())
         blocks = [student.blocks[i] for i in layers] if layers is not None else student.blocks
-        for layer, ((ks, vs), (kt, vt), blk) in enumerate(zip(entries, targets, blocks, strict=True)):
+        for layer, ((ks, vs), parts, blk) in enumerate(zip(entries, targets, blocks, strict=True)):
             bnd = blk.attn.spec.is_boundary(pos).nonzero().flatten()
             cid = chunk_ids(pos, cfg.chunk_size, blk.attn.spec.offset)
             entry = torch.cat([ks[:, bnd], vs[:, bnd]], -1).float()  # [B, n, 2 kv]
@@ -69,11 +94,9 @@ class EntryReadout(nn.Module):
                 ok = (src >= 0) & (cid[src.clamp(min=0)] == cid[bnd])  # b - j lies in b's own chunk
                 if ok.any():
                     preds.append(entry[:, ok] @ self.maps[layer, j - 1])
-                    wanted.append(torch.cat([kt[:, src[ok]], vt[:, src[ok]]], -1).float())
+                    wanted.append(torch.cat([t[:, src[ok]] for t in parts], -1).float())
             if preds:
-                pred, want = torch.cat(preds, 1), torch.cat(wanted, 1)
-                half = want.shape[-1] // 2
-                for part in (slice(None, half), slice(half, None)):
-                    err = (pred[..., part] - want[..., part]).pow(2).mean()
-                    total = total + err / want[..., part].pow(2).mean().clamp_min(1e-12) / 2
+                widths = [t.shape[-1] for t in parts]
+                for p, w in zip(torch.cat(preds, 1).split(widths, -1), torch.cat(wanted, 1).split(widths, -1)):
+                    total = total + (p - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-12) / len(parts)
         return total / len(entries)

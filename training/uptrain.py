@@ -45,7 +45,7 @@ from server.chat import load_chat_template
 
 from .corpus import SOURCES, summaries, training_ids
 from .data import batches
-from .entry_readout import EntryReadout, entry_kv, forward_with_kv
+from .entry_readout import READOUT_TARGETS, EntryReadout, entry_kv, forward_with_kv
 from .lora import add_lora, load_lora_factors, lora_factors, parse_targets
 from .loop import Loop, RunDir, WarmupCosine, restore_rngs
 from .mixture import Mixture, MixtureConfig
@@ -107,7 +107,9 @@ class UptrainConfig:
                                  "the stated value wherever the teacher's argmax misses it", choices=RECALL_TARGETS)
     autocast: bool = setting(False, "bf16 autocast for teacher and student (CPU with native bf16)")
     readout_weight: float = setting(0.0, "weight of the entry read-out loss in both stages (training/entry_readout.py: each "
-                                    "cached chunk entry must give back the teacher's K and V of its chunk); 0: off")
+                                    "cached chunk entry must give back what its chunk held); 0: off")
+    readout_target: str = setting("kv", "what the read-out gives back: the teacher's K and V at the chunk's "
+                                  "positions, or the tokens' embeddings there", choices=READOUT_TARGETS)
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "ssm_state", "ssm_inner", "ssm_heads", "seq_len", "batch_size", "ckpt_interval",
@@ -123,6 +125,8 @@ class UptrainConfig:
             bad.append("chat_frac + recall_frac")
         if self.recall_target not in RECALL_TARGETS:
             bad.append("recall_target")
+        if self.readout_target not in READOUT_TARGETS:
+            bad.append("readout_target")
         sizes = comma_items(self.chunk_sizes)
         if sizes and not (all(p.isdigit() and int(p) > 0 for p in sizes) and self.chunk_size in map(int, sizes)):
             bad.append("chunk_sizes (positive integers, chunk_size among them)")
@@ -213,13 +217,14 @@ def attention_transfer_loss(teacher: LM, student: LM, ids: Tensor, readout: Entr
         total = total + (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
         if readout is not None:
             s_kv.append(entry_kv(student, ks, vs, pos))
-            t_kv.append(entry_kv(teacher, k, v, pos))
+            if readout.reads_teacher_kv:
+                t_kv.append(entry_kv(teacher, k, v, pos))
         with torch.no_grad():
             x = t_blk.finish(x, o_t)
     loss = total / len(student.blocks)
     stats = {"transfer": loss.item()}
     if readout is not None:
-        aux = readout.loss(student, s_kv, t_kv)
+        aux = readout.loss(student, s_kv, readout.wanted(teacher, ids, t_kv))
         stats["readout"] = aux.item()
         loss = loss + readout_weight * aux
     return loss, stats
@@ -240,7 +245,7 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
     w = w / w.sum()
     keep = readout is not None  # the layers' K and V only feed the read-out
     with torch.no_grad():
-        t_hidden, t_kv = forward_with_kv(teacher, inputs, keep)
+        t_hidden, t_kv = forward_with_kv(teacher, inputs, keep and readout.reads_teacher_kv)
         t_logp = F.log_softmax(teacher.logits(t_hidden).flatten(0, 1), -1)
     s_hidden, s_kv = forward_with_kv(student, inputs, keep)
     s_logp = F.log_softmax(student.logits(s_hidden).flatten(0, 1), -1)
@@ -253,7 +258,7 @@ def distillation_loss(teacher: LM, student: LM, batch: Tensor, ce_weight: float,
     stats = {"kl": kl.item(), "ce": ce.item()}
     loss = kl + ce_weight * ce
     if readout is not None:
-        aux = readout.loss(student, s_kv, t_kv)
+        aux = readout.loss(student, s_kv, readout.wanted(teacher, inputs, t_kv))
         stats["readout"] = aux.item()
         loss = loss + readout_weight * aux
     if answers is not None and answers.any():
@@ -285,8 +290,8 @@ class Run:
             self._init_ssms(Path(uc.init_from))
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.lora_params: list[torch.nn.Parameter] = []
-        self.readout = (EntryReadout(self.cfg.n_layers, self.cfg.kv_dim, max(uc.random_chunk_sizes or (uc.chunk_size,)))
-                        if uc.readout_weight else None)
+        self.readout = (EntryReadout(self.cfg.n_layers, self.cfg.kv_dim, max(uc.random_chunk_sizes or (uc.chunk_size,)),
+                                     uc.readout_target, self.cfg.d_model) if uc.readout_weight else None)
         self.tokenizer = Tokenizer.from_file(self.teacher_dir / "tokenizer.json")
         self.gen = torch.Generator().manual_seed(uc.seed)
         self.stage, self.step = 1, 0
