@@ -49,7 +49,6 @@ def _naive_loss(readout: EntryReadout, student, entries, targets) -> torch.Tenso
         pos = torch.arange(T)
         bnd, start = blk.attn.spec.is_boundary(pos), chunk_start(pos, P, blk.attn.spec.offset)
         sq = [[] for _ in parts]
-        ms = [[] for _ in parts]
         for b in range(T):
             if not bnd[b]:
                 continue
@@ -60,11 +59,11 @@ def _naive_loss(readout: EntryReadout, student, entries, targets) -> torch.Tenso
                 lo = 0
                 for i, t in enumerate(parts):
                     want = t[:, b - j]
-                    sq[i].append((pred[:, lo : lo + want.shape[-1]] - want).pow(2))
-                    ms[i].append(want.pow(2))
+                    sq[i].append((pred[:, lo : lo + want.shape[-1]], want))
                     lo += want.shape[-1]
-        for i in range(len(parts)):
-            total = total + torch.cat(sq[i]).mean() / torch.cat(ms[i]).mean() / len(parts)
+        for pairs in sq:  # each part scaled to unit mean square over every pair
+            rms = torch.cat([w for _, w in pairs]).pow(2).mean().sqrt()
+            total = total + torch.cat([(p - w / rms).pow(2) for p, w in pairs]).mean() / len(parts)
     return total / len(entries)
 
 
