@@ -81,7 +81,8 @@ def prefill_attention(
     # the most boundary entries any query up to each block's end reads (counts grow along a row), and whether
     # any query of the block reads the ring (positions grow along a row: its first query reads most); one sync
     reach = bnd_count.amax(0).cummax(0).values[first.new_tensor(ends) - 1]
-    rings = (win_last.amax(-1, keepdim=True) >= q_pos[:, first]).any(0) if win_last.shape[-1] else first < 0
+    rings = ((win_last.amax(-1, keepdim=True) >= q_pos[:, first]).any(0) if win_last.shape[-1]
+             else torch.zeros_like(first, dtype=torch.bool))  # no ring at all
     idx = torch.arange(T, device=q.device)
     outs = []
     for a, e, n, ring in zip(starts, ends, *torch.stack([reach, rings.long()]).tolist()):

@@ -54,7 +54,7 @@ class EntryReadout(nn.Module):
         if target not in READOUT_TARGETS:
             raise ValueError(f"read-out target must be one of {READOUT_TARGETS}, got {target!r}")
         self.target = target
-        out = 2 * kv_dim if target == "kv" else d_model
+        out = 2 * kv_dim if self.reads_teacher_kv else d_model
         # zeros: the loss starts at 1 (no read-out), and the entries get a gradient once the maps have one
         self.maps = nn.Parameter(torch.zeros(n_layers, max_chunk - 1, 2 * kv_dim, out))
 
