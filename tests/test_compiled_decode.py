@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine import compiled_decode
 from engine.compiled_decode import CompiledDecode
 from engine.cuda_graphs import sizes_up_to
 from conftest import ENGINE
@@ -18,7 +19,9 @@ PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the wo
 
 
 @pytest.fixture
-def compile_on() -> Iterator[None]:
+def compile_on(tmp_path, monkeypatch) -> Iterator[None]:
+    """torch.compile on, compiled decode steps saved in (and loaded from) a directory of this test's own."""
+    monkeypatch.setattr(compiled_decode, "artifact_dir", lambda: tmp_path / "decode")
     with torch._dynamo.config.patch(disable=False):
         yield
 
@@ -29,7 +32,7 @@ def _generate(llm: LLM, prompts: list[str]) -> list[tuple[list[int], list[float]
             for out in llm.generate(prompts, params) for c in out.outputs]
 
 
-def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile_on) -> None:
+def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile_on, tmp_path) -> None:
     # prefill chunks of at most 6 tokens: chunks of several rows and of one, fresh and continuing a sequence
     kw = dict(**ENGINE, block_size=2, max_model_len=64, max_num_seqs=4, enable_prefix_caching=False,
               max_num_batched_tokens=6)
@@ -38,14 +41,30 @@ def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile
     assert eager.engine.runner.graphs is None and isinstance(step, CompiledDecode)
     assert eager.engine.runner.halves is None and compiled.engine.runner.halves is not None
     assert step.sizes == sizes_up_to(4) == (1, 2, 4) and set(step.compile_s) == {1, 2, 4}
+    assert step.loaded == {1: False, 2: False, 4: False}
     r = compiled.engine.runner  # warming every size up ran padding rows only: nothing outside the sinks
     assert not r.k_pool[:, :-1].any() and not r.v_pool[:, :-1].any()
     assert not r.win_k[:, :-1].any() and not r.ssm[:, :, :-1].any() and bool((r.win_pos == -1).all())
+    # a second engine loads each size's saved graph instead of tracing it
+    assert len(list((tmp_path / "decode").glob("*.bin"))) == 3
+    loaded = LLM(tiny_ckpt, **kw)
+    assert loaded.engine.runner.graphs.loaded == {1: True, 2: True, 4: True}
     for prompts in (PROMPTS, PROMPTS[:1]):  # 3 rows padded to 4, then 1
-        want, got = _generate(eager, prompts), _generate(compiled, prompts)
-        for (want_ids, want_lp), (got_ids, got_lp) in zip(want, got):
-            assert got_ids == want_ids
-            torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=1e-4)
+        want = _generate(eager, prompts)
+        for llm in (compiled, loaded):
+            for (want_ids, want_lp), (got_ids, got_lp) in zip(want, _generate(llm, prompts)):
+                assert got_ids == want_ids
+                torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=1e-4)
+
+
+def test_a_saved_graph_that_does_not_load_is_compiled_again(tiny_ckpt, compile_on, tmp_path) -> None:
+    r = LLM(tiny_ckpt, enforce_eager=True, **ENGINE, max_num_seqs=1).engine.runner
+    assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: False}
+    (saved,) = (tmp_path / "decode").glob("*.bin")
+    assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: True}
+    saved.write_bytes(b"cut short")
+    assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: False}
+    assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: True}  # saved again
 
 
 def test_a_layer_unlike_the_first_is_refused(tiny_ckpt, compile_on) -> None:
