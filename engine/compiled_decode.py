@@ -29,11 +29,15 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch._dynamo.aot_compile import AOTCompiledFunction
-from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+# torch._dynamo.aot_compile and torch._inductor import triton, which reads TRITON_INTERPRET once, when imported: they
+# are imported where used, so a process may still set it after importing the engine (tests/test_kernels.py does)
+if TYPE_CHECKING:
+    from torch._dynamo.aot_compile import AOTCompiledFunction
 
 from models.lm import LM
 from models.paged import DecodeMetadata, LayerCache, LayerMetadata, pad_decode_metadata
@@ -69,6 +73,8 @@ def _block_step(block: torch.nn.Module, x: Tensor, meta: LayerMetadata, cache: L
 
 def artifact_dir() -> Path:
     """Where compiled decode steps are saved: beside Inductor's own cache (TORCHINDUCTOR_CACHE_DIR)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
     return Path(cache_dir()) / "attamba-decode"
 
 
