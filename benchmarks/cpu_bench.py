@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from engine.compiled_decode import CompiledDecode
 from models import load_model
 from models.registry import named_model_gguf, resolve_model
 
@@ -41,11 +42,13 @@ ROUNDS = 2
 
 def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> tuple[float, float | None]:
     """This engine's decode tokens/s over `steps` steps at a batch and (synthetic) context, and the seconds its
-    compiled decode step took to compile at start-up for that batch size (None: eager)."""
+    compiled decode step took to compile at start-up for that batch size (None: eager, or loaded from a saved
+    step, engine/compiled_decode.py)."""
     engine = filled_engine(model_dir, batch, ctx, steps, **engine_kw)
     rate = timed_decode(engine, steps)
-    compiled = getattr(engine.runner.graphs, "compile_s", None)
-    return rate, (round(compiled[batch], 1) if compiled else None)
+    graphs = engine.runner.graphs
+    compiled = isinstance(graphs, CompiledDecode) and not graphs.loaded.get(batch, True)
+    return rate, (round(graphs.compile_s[batch], 1) if compiled else None)
 
 
 def _run_json(cmd: list[str]) -> list[dict]:
@@ -123,7 +126,7 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
                 for c, b in cells:
                     gc.collect()
                     measured[c, b], compile_s = engine_decode(model_dir, b, c, steps, kw)
-                    if compile_s is not None:  # the first engine of a batch size compiles; later ones hit the disk cache
+                    if compile_s is not None:  # the first engine of a batch size compiles; later ones load its saved step
                         stacks.setdefault(name, {}).setdefault("compile_s", {}).setdefault(b, compile_s)
                 decode.setdefault(name, []).append(measured)
                 print(name, round(prefills[name][-1], 1), file=sys.stderr, flush=True)
