@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-# torch._dynamo.aot_compile and torch._inductor import triton, which reads TRITON_INTERPRET once, when imported: they
-# are imported where used, so a process may still set it after importing the engine (tests/test_kernels.py does)
-if TYPE_CHECKING:
-    from torch._dynamo.aot_compile import AOTCompiledFunction
-
 from models.lm import LM
 from models.paged import DecodeMetadata, LayerCache, LayerMetadata, pad_decode_metadata
 
 from .cuda_graphs import padded_size
+
+# torch._dynamo.aot_compile and torch._inductor import triton, which reads TRITON_INTERPRET once, when imported: they
+# are imported where used, so a process may still set it after importing the engine (tests/test_kernels.py does)
+if TYPE_CHECKING:
+    from torch._dynamo.aot_compile import AOTCompiledFunction
 
 log = logging.getLogger("attamba.engine")
 
@@ -78,11 +78,11 @@ def artifact_dir() -> Path:
     return Path(cache_dir()) / "attamba-decode"
 
 
-def _artifact_key(block: nn.Module, config: object, size: int) -> str:
-    """What a saved graph depends on beyond what its guards check: the traced code (models/, kernels/, this
-    file), torch, the Inductor options, the model's configuration (constants such as P, L or RoPE's base are
-    baked into the graph) and a layer's weights (names, dtypes, shapes, module types)."""
-    h = hashlib.sha256(f"{torch.__version__} {INDUCTOR_OPTIONS} {HINT_WIDTH} {config!r} {size}".encode())
+def _artifact_key(block: nn.Module, config: object) -> str:
+    """What a saved graph depends on beyond what its guards check and its batch size: the traced code (models/,
+    kernels/, this file), torch, the Inductor options, the model's configuration (constants such as P, L or RoPE's
+    base are baked into the graph) and a layer's weights (names, dtypes, shapes, module types)."""
+    h = hashlib.sha256(f"{torch.__version__} {INDUCTOR_OPTIONS} {HINT_WIDTH} {config!r}".encode())
     root = Path(__file__).resolve().parent.parent
     for src in sorted([*(root / "models").glob("*.py"), *(root / "kernels").glob("*.py"), Path(__file__).resolve()]):
         h.update(src.read_bytes())
@@ -102,6 +102,7 @@ class CompiledDecode:
         self.blocks: dict[int, list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]]] = {}
         self.compile_s: dict[int, float] = {}  # seconds each size took to compile or load (and warm up)
         self.loaded: dict[int, bool] = {}  # whether each size's graph was loaded from a saved one
+        self.key = _artifact_key(model.blocks[0], model.config) if compiling else None  # a saved size: <key>.<size>.bin
         for size in self.sizes:
             t0 = time.perf_counter()
             meta = pad_decode_metadata(template, size, HINT_WIDTH)
@@ -118,7 +119,7 @@ class CompiledDecode:
         """One graph for every layer at this batch size, each layer's call bound to its weights: loaded if
         saved and its guards pass, else compiled (and saved)."""
         blocks, metas, x, size = self.model.blocks, meta.layers(), self.model.embed(tokens), len(tokens)
-        path = artifact_dir() / f"{_artifact_key(blocks[0], self.model.config, size)}.{size}.bin"
+        path = artifact_dir() / f"{self.key}.{size}.bin"
         step = self._load(path)
         # checked before the width is marked dynamic: a loaded graph's guards refuse a marked tensor
         self.loaded[size] = step is not None and self._check(step, x, metas, quiet=True)
