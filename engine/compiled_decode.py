@@ -15,33 +15,29 @@ Each size's graph is compiled ahead of time (`aot_compile`, as vLLM does): dynam
 check every input tensor of every layer's call (~35 tensors, 0.1-0.25 ms a call here, 30 calls a
 step), are checked once per layer at start-up instead of at every call. What they check cannot change
 afterwards: the layers' weights and pools are fixed, and a size's metadata always has the same shapes
-but the block-table width, the graph's one dynamic dimension (padded to at least MIN_WIDTH). The compiled function
-is saved beside Inductor's cache, keyed by what it was traced from (the code, torch, the model's configuration and
-a layer's weights), and loaded at the next start instead of traced again (~10 s a batch size here, against ~2 s
-to load); a loaded graph passes the same guard check against every layer, or is compiled again.
+but the block-table width, the graph's one dynamic dimension (padded to at least MIN_WIDTH). Each size's graph is
+saved and loaded at the next start instead of traced again (engine/saved_graphs.py; ~10 s a batch size here,
+against ~2 s to load); a loaded graph passes the same guard check against every layer, or is compiled again.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.lm import LM
 from models.paged import DecodeMetadata, LayerCache, LayerMetadata, pad_decode_metadata
 
+from . import saved_graphs
 from .cuda_graphs import padded_size
 
-# torch._dynamo.aot_compile and torch._inductor import triton, which reads TRITON_INTERPRET once, when imported: they
-# are imported where used, so a process may still set it after importing the engine (tests/test_kernels.py does)
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # not imported at run time (engine/saved_graphs.py says why)
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
 log = logging.getLogger("attamba.engine")
@@ -71,26 +67,6 @@ def _block_step(block: torch.nn.Module, x: Tensor, meta: LayerMetadata, cache: L
     return block(x, meta, cache)
 
 
-def artifact_dir() -> Path:
-    """Where compiled decode steps are saved: beside Inductor's own cache (TORCHINDUCTOR_CACHE_DIR)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir()) / "attamba-decode"
-
-
-def _artifact_key(block: nn.Module, config: object) -> str:
-    """What a saved graph depends on beyond what its guards check and its batch size: the traced code (models/,
-    kernels/, this file), torch, the Inductor options, the model's configuration (constants such as P, L or RoPE's
-    base are baked into the graph) and a layer's weights (names, dtypes, shapes, module types)."""
-    h = hashlib.sha256(f"{torch.__version__} {INDUCTOR_OPTIONS} {HINT_WIDTH} {config!r}".encode())
-    root = Path(__file__).resolve().parent.parent
-    for src in sorted([*(root / "models").glob("*.py"), *(root / "kernels").glob("*.py"), Path(__file__).resolve()]):
-        h.update(src.read_bytes())
-    h.update(repr([(n, type(m).__name__) for n, m in block.named_modules()]).encode())
-    h.update(repr([(n, t.dtype, tuple(t.shape)) for n, t in [*block.named_parameters(), *block.named_buffers()]]).encode())
-    return h.hexdigest()[:32]
-
-
 class CompiledDecode:
     """The decode step with compiled blocks at batch sizes `sizes`; `__call__` pads and runs it."""
 
@@ -102,7 +78,9 @@ class CompiledDecode:
         self.blocks: dict[int, list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]]] = {}
         self.compile_s: dict[int, float] = {}  # seconds each size took to compile or load (and warm up)
         self.loaded: dict[int, bool] = {}  # whether each size's graph was loaded from a saved one
-        self.key = _artifact_key(model.blocks[0], model.config) if compiling else None  # a saved size: <key>.<size>.bin
+        # a size's saved graph: decode-<key>.<size>
+        self.key = saved_graphs.artifact_key(model.blocks[0], model.config, __file__, INDUCTOR_OPTIONS, HINT_WIDTH) \
+            if compiling else None
         for size in self.sizes:
             t0 = time.perf_counter()
             meta = pad_decode_metadata(template, size, HINT_WIDTH)
@@ -119,16 +97,15 @@ class CompiledDecode:
         """One graph for every layer at this batch size, each layer's call bound to its weights: loaded if
         saved and its guards pass, else compiled (and saved)."""
         blocks, metas, x, size = self.model.blocks, meta.layers(), self.model.embed(tokens), len(tokens)
-        path = artifact_dir() / f"{self.key}.{size}.bin"
-        step = self._load(path)
+        name = f"decode-{self.key}.{size}"
+        step = saved_graphs.load(name, _block_step)
         # checked before the width is marked dynamic: a loaded graph's guards refuse a marked tensor
         self.loaded[size] = step is not None and self._check(step, x, metas, quiet=True)
         if not self.loaded[size]:
             torch._dynamo.mark_dynamic(meta.block_tables, 1)
-            step = torch.compile(_block_step, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS).aot_compile(
-                ((blocks[0], x, metas[0], self.caches[0]), {}))
+            step = saved_graphs.compile_and_save(_block_step, (blocks[0], x, metas[0], self.caches[0]), name,
+                                                 dynamic=False, options=INDUCTOR_OPTIONS)
             self._check(step, x, metas)
-            self._save(step, path)
         step.disable_guard_check()
         return [functools.partial(step, block) for block in blocks]
 
@@ -140,25 +117,6 @@ class CompiledDecode:
                     return False
                 raise RuntimeError(f"layer {l} differs from layer 0: one compiled decode graph cannot serve both")
         return True
-
-    @staticmethod
-    def _load(path: Path) -> AOTCompiledFunction | None:
-        if not path.exists():
-            return None
-        try:
-            with path.open("rb") as f:
-                return torch.compiler.load_compiled_function(f)
-        except Exception as e:  # a file cut short or written by another build of torch: compile instead
-            log.warning("could not load the compiled decode step %s (%s); compiling it", path, e)
-            return None
-
-    @staticmethod
-    def _save(step: AOTCompiledFunction, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            step.save_compiled_function(str(path))  # written to a temporary file, then renamed
-        except Exception as e:  # e.g. a guard torch cannot serialise: the next start compiles again
-            log.warning("could not save the compiled decode step (%s)", e)
 
     @torch.no_grad()
     def _run(self, tokens: Tensor, meta: DecodeMetadata) -> Tensor:

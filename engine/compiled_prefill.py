@@ -10,22 +10,30 @@ int would be a constant of it). The paged attention between the halves stays eag
 boundary entries to gather on the host).
 
 Rows and tokens are dynamic sizes; dynamo gives a size of 1 its own graph, so a chunk of one row and one of
-several are two variants of each half, compiled at start-up on zero inputs (a few seconds each once
-Inductor's cache on disk has them). Block.project always gets SSM states (zero for a fresh row, which gives
-the same result), so a fresh chunk and one that continues a sequence share a graph. Tiny chunks run eagerly
-(`runs_compiled`).
+several are two variants of each half (CompiledHalf), compiled ahead of time at start-up on zero inputs, saved and
+loaded at the next start (engine/saved_graphs.py: ~10-16 s to trace a variant here, ~0.1 s to load it). A call
+runs the variant whose guards its inputs pass (~25 us a check), or the half eagerly when none does. Block.project
+always gets SSM states (zero for a fresh row, which gives the same result), so a fresh chunk and one that
+continues a sequence share a graph. Tiny chunks run eagerly (`runs_compiled`).
 `--enforce-eager` turns it off; TORCH_COMPILE_DISABLE=1 runs the same calls eagerly (the test suite).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.layers import rope_tables
 from models.lm import LM, Block, BlockHalves, LayerSSMState
 from models.upcast import NATIVE_ROWS
+
+from . import saved_graphs
+
+if TYPE_CHECKING:  # not imported at run time (engine/saved_graphs.py says why)
+    from torch._dynamo.aot_compile import AOTCompiledFunction
 
 log = logging.getLogger("attamba.engine")
 
@@ -38,31 +46,71 @@ INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False}
 WARM_UP_TOKENS = 509
 
 
-def compile_halves(model: LM) -> BlockHalves:
-    """Block.project and Block.finish compiled once for every layer (not yet run: see warm_up); the methods
-    themselves, called the same way, when PyTorch's switch (TORCH_COMPILE_DISABLE=1) turns compiling off."""
-    def compile_(fn):
-        return fn if torch._dynamo.config.disable else \
-            torch.compile(fn, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
+class CompiledHalf:
+    """Block.project or Block.finish compiled for every layer: a graph per variant of its inputs (`add`), each
+    guard-checked at every call; inputs no variant accepts run the method eagerly."""
 
+    def __init__(self, fn: Callable[..., Any], key: str) -> None:
+        self.fn, self.key = fn, key
+        self.variants: list[AOTCompiledFunction] = []
+        self.loaded: dict[str, bool] = {}  # whether each variant's graph was loaded from a saved one
+        self.eager_calls = 0  # calls no variant accepted
+
+    def add(self, args: tuple[Any, ...], variant: str) -> bool:
+        """Load (when saved and it accepts `args`) or compile and save the graph for inputs like args; returns
+        whether it was loaded."""
+        name = f"prefill-{self.key}.{self.fn.__name__}.{variant}"
+        graph = saved_graphs.load(name, self.fn)
+        loaded = graph is not None and graph.guard_check(*args)
+        if not loaded:
+            graph = saved_graphs.compile_and_save(self.fn, args, name, dynamic=True, options=INDUCTOR_OPTIONS)
+        graph.disable_guard_check()  # __call__ checks them
+        self.variants.append(graph)
+        self.loaded[variant] = loaded
+        return loaded
+
+    def __call__(self, *args: Any) -> Any:
+        for graph in self.variants:
+            if graph.guard_check(*args):
+                return graph(*args)
+        if not self.eager_calls:
+            log.warning("the prefill's %s ran eagerly: no compiled variant accepts its inputs", self.fn.__name__)
+        self.eager_calls += 1
+        return self.fn(*args)
+
+
+def compile_halves(model: LM) -> BlockHalves:
+    """Block.project and Block.finish to be compiled for every layer (by warm_up); the methods themselves, run
+    the same way, when PyTorch's switch (TORCH_COMPILE_DISABLE=1) turns compiling off."""
     device = model.embed.weight.device
     offsets = tuple(torch.tensor(blk.attn.spec.offset, device=device) for blk in model.blocks)
-    return BlockHalves(compile_(Block.project), compile_(Block.finish), offsets)
+    if torch._dynamo.config.disable:
+        return BlockHalves(Block.project, Block.finish, offsets)
+    key = saved_graphs.artifact_key(model.blocks[0], model.config, __file__, INDUCTOR_OPTIONS, WARM_UP_TOKENS)
+    return BlockHalves(CompiledHalf(Block.project, key), CompiledHalf(Block.finish, key), offsets)
 
 
 @torch.no_grad()
-def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | None) -> float:
-    """Compile the graphs a chunk of `rows` rows runs, on zero inputs through layer 0 (state: layer 0's SSM
-    states of those rows, for a model with SSMs); returns the seconds it took."""
+def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | None) -> tuple[float, bool]:
+    """Compile (or load) and run the graphs a chunk of `rows` rows runs, on zero inputs through layer 0 (state:
+    layer 0's SSM states of those rows, for a model with SSMs); returns the seconds it took and whether every
+    graph was loaded."""
     t0 = time.perf_counter()
     cfg, blk, device = model.config, model.blocks[0], model.embed.weight.device
     x = torch.zeros(rows, WARM_UP_TOKENS, cfg.d_model, dtype=model.dtype, device=device)
     pos = torch.arange(WARM_UP_TOKENS, device=device).repeat(rows, 1)  # [rows, T], contiguous as the engine's
     last = torch.full((rows,), WARM_UP_TOKENS - 1, device=device)
     rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)  # as LM.extend passes them
-    q, _, _, _ = halves.project(blk, x, pos, state, last, False, halves.offsets[0], rope)
-    halves.finish(blk, x, torch.zeros_like(q))
-    return time.perf_counter() - t0
+    variant, loaded = "rows1" if rows == 1 else "rows", True
+    args = (blk, x, pos, state, last, False, halves.offsets[0], rope)
+    if isinstance(halves.project, CompiledHalf):
+        loaded &= halves.project.add(args, variant)
+    q = halves.project(*args)[0]
+    args = (blk, x, torch.zeros_like(q))
+    if isinstance(halves.finish, CompiledHalf):
+        loaded &= halves.finish.add(args, variant)
+    halves.finish(*args)
+    return time.perf_counter() - t0, loaded
 
 
 def runs_compiled(rows: int, tokens: int) -> bool:

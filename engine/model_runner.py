@@ -201,10 +201,10 @@ class ModelRunner:
                 slots = torch.zeros(rows, dtype=torch.long, device=self.device)
                 states = self._ssm_states(slots, torch.ones(rows, dtype=torch.bool, device=self.device)) \
                     if self.cfg.has_ssm else None
-                seconds = warm_up(self.model, halves, rows, states[0] if states else None)
+                seconds, loaded = warm_up(self.model, halves, rows, states[0] if states else None)
                 if not torch._dynamo.config.disable:
-                    log.info("compiled the prefill's layers for %s in %.1f s", "1 row" if rows == 1 else "rows > 1",
-                             seconds)
+                    log.info("%s the prefill's layers for %s in %.1f s", "loaded" if loaded else "compiled",
+                             "1 row" if rows == 1 else "rows > 1", seconds)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             log.warning("prefill runs eagerly: compiling it failed (%s)", str(e).splitlines()[0])
             return

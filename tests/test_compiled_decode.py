@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine import compiled_decode
+from engine import saved_graphs
 from engine.compiled_decode import CompiledDecode
 from engine.cuda_graphs import sizes_up_to
 from conftest import ENGINE
@@ -20,8 +20,8 @@ PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the wo
 
 @pytest.fixture
 def compile_on(tmp_path, monkeypatch) -> Iterator[None]:
-    """torch.compile on, compiled decode steps saved in (and loaded from) a directory of this test's own."""
-    monkeypatch.setattr(compiled_decode, "artifact_dir", lambda: tmp_path / "decode")
+    """torch.compile on, compiled graphs saved in (and loaded from) a directory of this test's own."""
+    monkeypatch.setattr(saved_graphs, "artifact_dir", lambda: tmp_path / "graphs")
     with torch._dynamo.config.patch(disable=False):
         yield
 
@@ -45,22 +45,30 @@ def test_the_compiled_step_generates_what_the_eager_step_does(tiny_ckpt, compile
     r = compiled.engine.runner  # warming every size up ran padding rows only: nothing outside the sinks
     assert not r.k_pool[:, :-1].any() and not r.v_pool[:, :-1].any()
     assert not r.win_k[:, :-1].any() and not r.ssm[:, :, :-1].any() and bool((r.win_pos == -1).all())
-    # a second engine loads each size's saved graph instead of tracing it
-    assert len(list((tmp_path / "decode").glob("*.bin"))) == 3
+    halves = compiled.engine.runner.halves
+    assert halves.project.loaded == halves.finish.loaded == {"rows1": False, "rows": False}
+    # a second engine loads each decode size's and prefill variant's saved graph instead of tracing it
+    assert len(list((tmp_path / "graphs").glob("decode-*.bin"))) == 3
+    assert len(list((tmp_path / "graphs").glob("prefill-*.bin"))) == 4
     loaded = LLM(tiny_ckpt, **kw)
     assert loaded.engine.runner.graphs.loaded == {1: True, 2: True, 4: True}
+    halves = loaded.engine.runner.halves
+    assert halves.project.loaded == halves.finish.loaded == {"rows1": True, "rows": True}
     for prompts in (PROMPTS, PROMPTS[:1]):  # 3 rows padded to 4, then 1
         want = _generate(eager, prompts)
         for llm in (compiled, loaded):
             for (want_ids, want_lp), (got_ids, got_lp) in zip(want, _generate(llm, prompts)):
                 assert got_ids == want_ids
                 torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), atol=1e-4, rtol=1e-4)
+    for llm in (compiled, loaded):  # every prefill chunk ran a compiled variant
+        halves = llm.engine.runner.halves
+        assert halves.project.eager_calls == halves.finish.eager_calls == 0
 
 
 def test_a_saved_graph_that_does_not_load_is_compiled_again(tiny_ckpt, compile_on, tmp_path) -> None:
     r = LLM(tiny_ckpt, enforce_eager=True, **ENGINE, max_num_seqs=1).engine.runner
     assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: False}
-    (saved,) = (tmp_path / "decode").glob("*.bin")
+    (saved,) = (tmp_path / "graphs").glob("decode-*.bin")
     assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: True}
     saved.write_bytes(b"cut short")
     assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: False}
