@@ -10,7 +10,7 @@ Stacks:
   Q8_0 requantization (`llama-quantize`), all built by `make llama-bench` from the pinned sdist.
 Decode tokens/s (total over the batch) at each context x batch: contexts are filled synthetically in this
 engine and in transformers (a decode step costs the same whatever the cached values), really in llama.cpp.
-Prefill tokens/s: one real prefill of --prefill-tokens random ids at batch 1. Every value is the mean of ROUNDS
+Prefill tokens/s: one real prefill of --prefill-tokens random ids at batch 1. Every value is the mean of --rounds
 rounds, each measuring every stack once. Ratios are against llama.cpp F16 and transformers in the same run; the
 machine is shared and noisy, so compare only within one run.
 """
@@ -34,10 +34,10 @@ from .engine_bench import decode_step_ops, filled_engine, timed_decode
 from .smollm2_bench import MODEL, _machine, engine_ttft, hf_decode, hf_model
 
 LLAMA_DIR = Path("build/llama.cpp")
-# Rounds per measurement, averaged (llama-bench's -r 2 alike). Each round measures every stack once, one after
-# another, so a drift in the machine's speed within the run lands on every stack rather than on the ones measured
-# while it lasted.
-ROUNDS = 2
+# Rounds per measurement, averaged. Each round measures every stack once, one after another, so a drift in the
+# machine's speed within the run (its memory bandwidth moves by 20-30 % over minutes here, docs/cpu.md) lands on
+# every stack rather than on the ones measured while it lasted.
+ROUNDS = 3
 
 
 def engine_decode(model_dir: Path, batch: int, ctx: int, steps: int, engine_kw: dict) -> tuple[float, float | None]:
@@ -88,10 +88,11 @@ def _mean(values: list[float]) -> float:
 
 
 def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int, prefill: int, threads: int,
-              dtypes: list[str], quantizations: list[str], modes: list[str], tools: Path | None, hf: bool) -> dict:
+              dtypes: list[str], quantizations: list[str], modes: list[str], tools: Path | None, hf: bool,
+              rounds: int = ROUNDS) -> dict:
     teacher_dir = resolve_model(MODEL)
     result: dict = {"benchmark": "cpu", "teacher": MODEL, "student": str(student), "machine": _machine(threads),
-                    "steps": steps, "prefill_tokens": prefill, "rounds": ROUNDS,
+                    "steps": steps, "prefill_tokens": prefill, "rounds": rounds,
                     "note": "compare only within this run (shared, noisy machine); each value is the mean of the "
                             "rounds, every round measuring every stack once"}
     engines: dict[str, tuple[Path, dict]] = {}
@@ -117,7 +118,7 @@ def bench_cpu(student: Path, contexts: list[int], batches: list[int], steps: int
             ggufs["llamacpp_q8_0"] = Path(tmp) / "q8_0.gguf"
             subprocess.run([str(tools / "llama-quantize"), str(ggufs["llamacpp_f16"]), str(ggufs["llamacpp_q8_0"]),
                             "Q8_0"], check=True, capture_output=True)
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             for name, (model_dir, kw) in engines.items():
                 gc.collect()
                 ttft = engine_ttft(model_dir, kw["dtype"], prefill, threads, kw["quantization"])
@@ -194,13 +195,15 @@ def plot_cpu(result: dict, path: Path) -> None:
 
 
 def configure(parser: argparse.ArgumentParser, ints) -> None:
-    parser.add_argument("--student", type=Path, default=Path("checkpoints/attamba-smollm2-p8"),
+    parser.add_argument("--student", type=Path, default=Path("checkpoints/attamba-smollm2-p8-l64"),
                         help="the Attamba student checkpoint (default: %(default)s)")
     parser.add_argument("--contexts", type=ints, default=[1024, 4096, 8192])
     parser.add_argument("--batches", type=ints, default=[1, 8])
     parser.add_argument("--steps", type=int, default=16,
                         help="timed decode steps per run of a cell (after one warm-up; the rounds' runs averaged)")
     parser.add_argument("--prefill-tokens", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds, each measuring every stack once; "
+                        "every value is their mean (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes, comma-separated")
     parser.add_argument("--quantizations", default="none,int8", help="engine weight quantizations, comma-separated")
@@ -225,12 +228,12 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"compiled", "eager"}:
         raise ValueError("--modes takes compiled and/or eager")
-    if args.steps < 1 or args.prefill_tokens < 1 or args.threads < 1:
-        raise ValueError("--steps, --prefill-tokens and --threads must be positive")
+    if min(args.steps, args.prefill_tokens, args.threads, args.rounds) < 1:
+        raise ValueError("--steps, --prefill-tokens, --threads and --rounds must be positive")
     torch.set_num_threads(args.threads)
     result = bench_cpu(args.student, args.contexts, args.batches, args.steps, args.prefill_tokens, args.threads,
                        [d for d in args.dtypes.split(",") if d], [q for q in args.quantizations.split(",") if q],
-                       modes, tools, not args.skip_hf)
+                       modes, tools, not args.skip_hf, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_plot:
