@@ -73,3 +73,29 @@ def test_layer_lists_and_the_student_with_teacher_layers(tmp_path: Path, tokeniz
     hybrid = with_teacher_layers(student, teacher, [1])
     assert hybrid.blocks[0] is own and hybrid.blocks[1] is teacher.blocks[1]
     assert hybrid.blocks[1].attn.spec.boundaries == "all"  # every key kept at that layer
+
+
+def test_passkey_report_runs_a_random_p_student_at_each_chunk_size(tmp_path: Path, tokenizer_file: Path,
+                                                                   monkeypatch) -> None:
+    import argparse
+    import json
+
+    import training.passkey_report as report
+
+    from conftest import make_checkpoint
+
+    teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", max_seq_len=256)
+    student = make_checkpoint(tmp_path, tokenizer_file, "attamba", max_seq_len=256)
+    sizes = []
+    real = report.passkey
+    monkeypatch.setattr(report, "passkey", lambda model, *a: sizes.append(model.config.chunk_size) or real(model, *a))
+    out = tmp_path / "pk.json"
+    assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--trials", "2",
+                        "--seq-len", "64", "--chunk-sizes", "2,8", "--threads", "1", "--out", str(out)]) == 0
+    names = [r["name"] for r in json.loads(out.read_text())["rows"]]
+    assert names[:3] == ["teacher", "attamba P=2", "attamba P=8"] and names[3].startswith("sliding W=")
+    assert sizes[1:3] == [2, 8]
+    assert report.size_list("4, 8,16") == [4, 8, 16]
+    for bad in ("", "x", "0,4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a list of chunk sizes"):
+            report.size_list(bad)

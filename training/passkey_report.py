@@ -11,7 +11,8 @@ With --recall-rows N each model also answers N held-out recall rows of the train
 (long_eval.recall_rows: WikiText-2 test text or drill sentences as filler), which separates "did not learn
 what it was trained on" from "learned it, but it does not carry over to the pass key". Each --full-layers
 adds a row of the student with the teacher's own full-attention blocks at those layers (e.g. 15-29 or
-20,22): how much of the network recall needs whole.
+20,22): how much of the network recall needs whole. --chunk-sizes runs a checkpoint trained with random chunk
+sizes (uptrain's chunk_sizes) at each of them, a row per P.
 """
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ def layer_list(text: str) -> list[int]:
     return sorted(out)
 
 
+def size_list(text: str) -> list[int]:
+    """'4,8,16' -> [4, 8, 16] (positive chunk sizes)."""
+    try:
+        sizes = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"not a list of chunk sizes: {text!r} (e.g. 4,8,16)")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -58,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recall-rows", type=int, default=0, help="held-out recall rows of the training form")
     parser.add_argument("--full-layers", action="append", default=[], type=layer_list, metavar="LAYERS",
                         help="a row of the student with the teacher's blocks at these layers (e.g. 15-29 or 20,22)")
+    parser.add_argument("--chunk-sizes", type=size_list, metavar="P,P,...",
+                        help="run the student at each of these chunk sizes (a row per P; default: its own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -70,18 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_model(teacher_dir).eval()
     tokenizer = Tokenizer.from_file(teacher_dir / "tokenizer.json")
     w = equal_cache_window(teacher.config, ModelConfig.load(args.student), args.seq_len)
-    models = {
-        "teacher": lambda: teacher,
-        args.student.name: lambda: load_model(args.student).eval(),
-        f"sliding W={w}": lambda: sliding_control(teacher, w),
-    }
+    models = {"teacher": lambda: teacher}
+    for p in args.chunk_sizes or [None]:  # None: the checkpoint's own
+        models[args.student.name + (f" P={p}" if p else "")] = \
+            lambda p=p: load_model(args.student, **({"chunk_size": p} if p else {})).eval()
+    models[f"sliding W={w}"] = lambda: sliding_control(teacher, w)
     for layers in args.full_layers:
         if max(layers) >= teacher.config.n_layers:
             parser.error(f"--full-layers: the teacher has {teacher.config.n_layers} layers")
         models[f"{args.student.name} + the teacher's layers {layers}"] = \
             lambda layers=layers: with_teacher_layers(load_model(args.student), teacher, layers)
     text_ids = encode_corpus(tokenizer, read_split("test")) if args.recall_rows else None
-    report = {"teacher": args.teacher, "student": str(args.student), "filler_tokens": args.filler,
+    report = {"teacher": args.teacher, "student": str(args.student), "chunk_sizes": args.chunk_sizes,
+              "filler_tokens": args.filler,
               "trials": args.trials, "seed": args.seed, "recall_rows": args.recall_rows, "rows": []}
     for name, build in models.items():
         t0 = time.time()
