@@ -26,6 +26,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,9 +79,11 @@ class CompiledDecode:
         self.blocks: dict[int, list[Callable[[Tensor, LayerMetadata, LayerCache], Tensor]]] = {}
         self.compile_s: dict[int, float] = {}  # seconds each size took to compile or load (and warm up)
         self.loaded: dict[int, bool] = {}  # whether each size's graph was loaded from a saved one
-        # a size's saved graph: decode-<key>.<size>
-        self.key = saved_graphs.artifact_key(model.blocks[0], model.config, __file__, INDUCTOR_OPTIONS, HINT_WIDTH) \
-            if compiling else None
+        # a size's saved graph: decode-<key>.<size>; the pools' sizes are constants of the graph, so engines with
+        # other cache sizes keep files of their own
+        pools = [None if t is None else tuple(t.shape) for t in (getattr(caches[0], f.name) for f in fields(caches[0]))]
+        self.key = saved_graphs.artifact_key(model.blocks[0], model.config, __file__, INDUCTOR_OPTIONS, HINT_WIDTH,
+                                             pools) if compiling else None
         for size in self.sizes:
             t0 = time.perf_counter()
             meta = pad_decode_metadata(template, size, HINT_WIDTH)

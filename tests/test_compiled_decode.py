@@ -73,6 +73,12 @@ def test_a_saved_graph_that_does_not_load_is_compiled_again(tiny_ckpt, compile_o
     saved.write_bytes(b"cut short")
     assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: False}
     assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: True}  # saved again
+    # an engine with pools of another size (their sizes are constants of the graph) keeps a file of its own
+    other = LLM(tiny_ckpt, enforce_eager=True, **ENGINE, max_num_seqs=2).engine.runner
+    assert other.caches[0].ssm.shape != r.caches[0].ssm.shape
+    assert CompiledDecode(other.model, other.caches, other._metadata([]), (1,)).loaded == {1: False}
+    assert len(list((tmp_path / "graphs").glob("decode-*.bin"))) == 2
+    assert CompiledDecode(r.model, r.caches, r._metadata([]), (1,)).loaded == {1: True}
 
 
 def test_a_layer_unlike_the_first_is_refused(tiny_ckpt, compile_on) -> None:
