@@ -4,9 +4,10 @@ batch sizes (engine/compiled_decode.py) and the prefill's layer halves (engine/c
 Inductor's own cache skips the C++ build of a graph it has seen, not dynamo's tracing and AOTAutograd (~8-16 s a
 graph here). A graph compiled with `aot_compile` (as vLLM does) is saved with its guards and loaded instead (~0.1
 s); whoever loads one checks its guards before running it. A saved graph's name holds a key over what the graph
-was traced from that its guards do not check: the code (models/, kernels/, the compiling module), torch, the
-Inductor options and settings the caller names, the model's configuration (constants such as P, L or RoPE's base
-are baked into the graph) and a layer's weights (names, dtypes, shapes, module types).
+was traced from that its guards do not check: the code (models/, kernels/, the compiling module), torch, whether
+kernels/cpu_gemv.py's op is loaded, the Inductor options and settings the caller names, the model's configuration
+(constants such as P, L or RoPE's base are baked into the graph) and a layer's weights (names, dtypes, shapes,
+module types).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from kernels import cpu_gemv
 
 # torch._dynamo.aot_compile and torch._inductor import triton, which reads TRITON_INTERPRET once, when imported: they
 # are imported where used, so a process may still set it after importing the engine (tests/test_kernels.py does)
@@ -36,7 +39,8 @@ def artifact_dir() -> Path:
 
 def artifact_key(block: nn.Module, config: object, module_file: str, *settings: object) -> str:
     """The key of the graphs a module (`module_file`) traces from a model's layers (the module docstring)."""
-    h = hashlib.sha256(f"{torch.__version__} {settings!r} {config!r}".encode())
+    # whether kernels/cpu_gemv.py's op is loaded decides what a bf16 model's products trace to
+    h = hashlib.sha256(f"{torch.__version__} {cpu_gemv.READY} {settings!r} {config!r}".encode())
     root = Path(__file__).resolve().parent.parent
     for src in sorted([*(root / "models").glob("*.py"), *(root / "kernels").glob("*.py"), Path(module_file).resolve()]):
         h.update(src.read_bytes())
