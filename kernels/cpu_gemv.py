@@ -4,8 +4,8 @@ Decode on a CPU is bound by reading the weights. PyTorch's own product for fp16/
 three (`F.linear`) reads them at ~16-18 GB/s on the two cores of the AVX2 machine of docs/cpu.md, ~10 GB/s a
 core, where summing them reads ~28: it is compute-bound. `gemv` (kernels/cpu_gemv.cpp) converts eight weights
 at a time in registers (F16C for fp16, a shift for bf16), keeps two FMA chains a row and walks one row after
-another: ~23.5 GB/s on the same weights (docs/cpu.md, stop 36). It takes fp32 rows and returns fp32, so the
-kernels around it see no fp16.
+another: 21-30 GB/s on the decode's shapes against F.linear's 14-19, a batch-1 decode ~20 % faster (docs/cpu.md,
+stop 36). It takes fp32 rows and returns fp32, so the kernels around it see no fp16.
 
 The C++ op is built on first use with torch.utils.cpp_extension (g++, which Inductor needs anyway, and ninja)
 and registered as `attamba::gemv`, so a compiled graph calls it as an extern kernel. `load()` builds it (once

@@ -15,7 +15,7 @@ faster than bf16's (one F16C conversion instead of bf16's shift; docs/cpu.md). A
 converts its few input rows to fp16 (exact within range), accumulates in fp32, rounds to fp16 and then to
 bf16. A weight with a value outside fp16's range stays bf16. The tied head and embedding share the fp16
 matrix; HalfEmbedding returns its rows as bf16 (exactly the bf16 values loaded).
-Where kernels/cpu_gemv.py's op builds, the matrix-vector products are its (~40 % faster than PyTorch's here):
+Where kernels/cpu_gemv.py's op builds, the matrix-vector products are its (25-45 % faster than PyTorch's here):
 the rows in fp32, fp32 accumulation, one rounding to bf16.
 `F.linear` on the bf16 tensors is the slow, obviously correct twin.
 """
