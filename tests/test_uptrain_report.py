@@ -24,13 +24,12 @@ def test_progress_plot_draws_a_students_exports_and_the_controls(tmp_path: Path)
     assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_path: Path, tokenizer_file: Path,
-                                                                          monkeypatch) -> None:
+def _passkey_report(tmp_path: Path, tokenizer_file: Path, monkeypatch, *flags: str) -> tuple[list[dict], list]:
+    """training.passkey_report on a tiny teacher and student: its rows, and (model, the passkey call's arguments)
+    for every row it measured."""
     import json
 
     import training.passkey_report as report
-    from models.config import ModelConfig
-    from training.uptrain_report import equal_cache_window
 
     from conftest import SAMPLE, make_checkpoint
 
@@ -38,20 +37,28 @@ def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_pat
     student = make_checkpoint(tmp_path, tokenizer_file, "attamba", max_seq_len=256)
     asked = []
     real = report.passkey
-    monkeypatch.setattr(report, "passkey", lambda model, *a: asked.append(a) or real(model, *a))
-    out = tmp_path / "pk.json"
+    monkeypatch.setattr(report, "passkey", lambda model, *a: asked.append((model, a)) or real(model, *a))
     monkeypatch.setattr(report, "read_split", lambda split: SAMPLE.read_text())
-    assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--trials", "3",
-                        "--seq-len", "64", "--recall-rows", "2", "--full-layers", "1", "--threads", "1",
-                        "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    out = tmp_path / "pk.json"
+    assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--seq-len", "64",
+                        "--threads", "1", "--out", str(out), *flags]) == 0
+    return json.loads(out.read_text())["rows"], asked
+
+
+def test_passkey_report_asks_teacher_student_and_window_the_same_prompts(tmp_path: Path, tokenizer_file: Path,
+                                                                          monkeypatch) -> None:
+    from models.config import ModelConfig
+    from training.uptrain_report import equal_cache_window
+
+    rows, asked = _passkey_report(tmp_path, tokenizer_file, monkeypatch, "--trials", "3", "--recall-rows", "2",
+                                  "--full-layers", "1")
     assert rows[-1]["name"] == "attamba + the teacher's layers [1]"
     rows = rows[:-1]
     assert all(r["recall_rows"]["rows"] == 2 == len(r["recall_rows"]["cases"]) for r in rows)
-    w = equal_cache_window(ModelConfig.load(teacher), ModelConfig.load(student), 64)
+    w = equal_cache_window(ModelConfig.load(tmp_path / "transformer"), ModelConfig.load(tmp_path / "attamba"), 64)
     assert [r["name"] for r in rows] == ["teacher", "attamba", f"sliding W={w}"]
     assert all(r["trials"] == 3 and 0 <= r["recovered"] <= 3 for r in rows)
-    assert len(set(asked)) == 1  # one filler length, trial count and seed for all three
+    assert len({a for _, a in asked}) == 1  # one filler length, trial count and seed for all of them
 
 
 def test_layer_lists_and_the_student_with_teacher_layers(tmp_path: Path, tokenizer_file: Path) -> None:
@@ -78,24 +85,14 @@ def test_layer_lists_and_the_student_with_teacher_layers(tmp_path: Path, tokeniz
 def test_passkey_report_runs_a_random_p_student_at_each_chunk_size(tmp_path: Path, tokenizer_file: Path,
                                                                    monkeypatch) -> None:
     import argparse
-    import json
 
-    import training.passkey_report as report
+    from training.passkey_report import size_list
 
-    from conftest import make_checkpoint
-
-    teacher = make_checkpoint(tmp_path, tokenizer_file, "transformer", max_seq_len=256)
-    student = make_checkpoint(tmp_path, tokenizer_file, "attamba", max_seq_len=256)
-    sizes = []
-    real = report.passkey
-    monkeypatch.setattr(report, "passkey", lambda model, *a: sizes.append(model.config.chunk_size) or real(model, *a))
-    out = tmp_path / "pk.json"
-    assert report.main(["--teacher", str(teacher), "--student", str(student), "--filler", "40", "--trials", "2",
-                        "--seq-len", "64", "--chunk-sizes", "2,8", "--threads", "1", "--out", str(out)]) == 0
-    names = [r["name"] for r in json.loads(out.read_text())["rows"]]
+    rows, asked = _passkey_report(tmp_path, tokenizer_file, monkeypatch, "--trials", "2", "--chunk-sizes", "2,8")
+    names = [r["name"] for r in rows]
     assert names[:3] == ["teacher", "attamba P=2", "attamba P=8"] and names[3].startswith("sliding W=")
-    assert sizes[1:3] == [2, 8]
-    assert report.size_list("4, 8,16") == [4, 8, 16]
+    assert [model.config.chunk_size for model, _ in asked[1:3]] == [2, 8]
+    assert size_list("4, 8,16") == [4, 8, 16]
     for bad in ("", "x", "0,4"):
         with pytest.raises(argparse.ArgumentTypeError, match="not a list of chunk sizes"):
-            report.size_list(bad)
+            size_list(bad)
