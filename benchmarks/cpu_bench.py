@@ -35,7 +35,7 @@ from .smollm2_bench import MODEL, _machine, engine_ttft, hf_decode, hf_model
 
 LLAMA_DIR = Path("build/llama.cpp")
 # Rounds per measurement, averaged. Each round measures every stack once, one after another, so a drift in the
-# machine's speed within the run (its memory bandwidth moves by 20-30 % over minutes here, docs/cpu.md) lands on
+# machine's speed within the run (20-30 % over minutes here at times, docs/cpu.md) lands on
 # every stack rather than on the ones measured while it lasted.
 ROUNDS = 3
 
