@@ -142,7 +142,7 @@ class ModelRunner:
         if new_states is not None:
             self._store_ssm(slots, new_states)
         record_ring(self.win_pos, meta.win_store, meta.positions)
-        return self.model.logits(hidden[torch.arange(len(work), device=dev), meta.last])
+        return self.model.logits(hidden)
 
     # ---- one scheduled batch ---------------------------------------------------------------------------
     def run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:

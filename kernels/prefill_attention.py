@@ -12,14 +12,16 @@ models/kv_spec.py, so no rule about which keys are kept is written here):
   the chunk         key j (of k, v) by the queries i >= j at positions <= k_last[b, j]
 Query heads share KV heads in groups (query head i reads KV head i // (H / Hkv)). A query that
 reads no key gives zeros.
-`prefill_attention` gathers, per block of BLOCK_Q queries, only what the block can read: the
-boundary entries the block's queries count at most (one host sync per call), the ring if one of them
-reads it, and the chunk keys from `window` positions before the block (k_last never exceeds a key's position plus
-`window`) to its end; then one scaled_dot_product_attention (a fused kernel on CUDA).
+`prefill_attention` gathers, per block of BLOCK_Q queries, only what the block can read (`prefill_plan`: the
+boundary entries the block's queries count at most, the ring if one of them reads it, and the chunk keys from
+`window` positions before the block, since k_last never exceeds a key's position plus `window`, to its end); then
+one scaled_dot_product_attention (a fused kernel on CUDA).
 `prefill_attention_ref` is the naive twin (every key, a dense mask, an fp32 softmax) it is tested
 against.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,41 +67,71 @@ def prefill_attention_ref(
     return cast(out.reshape(B, T, H, D), q.dtype)
 
 
-def prefill_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_last: Tensor, k_cache: Tensor, v_cache: Tensor,
-    block_tables: Tensor, bnd_count: Tensor, win_k: Tensor, win_v: Tensor, slots: Tensor, win_last: Tensor,
-    window: int, scale: float,
-) -> Tensor:
-    """`prefill_attention_ref` by blocks of queries, each over only the keys it can read (same arguments)."""
-    B, T, H, D = q.shape
-    block_size = k_cache.shape[1]
-    gqa = k.shape[2] != H
-    ring_k, ring_v = _rings(win_k, slots, q.dtype), _rings(win_v, slots, q.dtype)
+@dataclass(frozen=True)
+class QueryBlock:
+    """Queries [start, end) of every row, and what they read: the first `entries` boundary entries, the first
+    `ring` ring entries and the chunk keys [lo, end), as mask [B, 1, end - start, entries + ring + end - lo]
+    says (a query that reads no key reads every one, then seen [B, end - start, 1, 1] zeroes it)."""
+
+    start: int
+    end: int
+    lo: int
+    entries: int
+    ring: int
+    mask: Tensor
+    seen: Tensor
+
+
+def prefill_plan(q_pos: Tensor, k_last: Tensor, bnd_count: Tensor, win_last: Tensor, window: int) -> list[QueryBlock]:
+    """The blocks of BLOCK_Q queries `prefill_attention` computes and what each reads (its arguments of the same
+    names): the boundary entries the block's queries count at most, the ring if one of them reads it, and the
+    chunk keys from `window` positions before the block to its end. Layers with the same key rule have the same
+    metadata and share one plan (models/paged.py). One host sync."""
+    T = q_pos.shape[1]
     starts = list(range(0, T, BLOCK_Q))
     ends = [min(a + BLOCK_Q, T) for a in starts]
-    first = torch.tensor(starts, device=q.device)
-    # the most boundary entries any query up to each block's end reads (counts grow along a row), and whether
-    # any query of the block reads the ring (positions grow along a row: its first query reads most); one sync
+    first = torch.tensor(starts, device=q_pos.device)
+    # counts grow along a row, so the most any query up to a block's end reads is the running maximum; positions
+    # grow too, so a block's first query reads most of the ring
     reach = bnd_count.amax(0).cummax(0).values[first.new_tensor(ends) - 1]
-    rings = ((win_last.amax(-1, keepdim=True) >= q_pos[:, first]).any(0) if win_last.shape[-1]
+    W = win_last.shape[-1]
+    rings = ((win_last.amax(-1, keepdim=True) >= q_pos[:, first]).any(0) if W
              else torch.zeros_like(first, dtype=torch.bool))  # no ring at all
-    idx = torch.arange(T, device=q.device)
-    outs = []
+    idx = torch.arange(T, device=q_pos.device)
+    plan = []
     for a, e, n, ring in zip(starts, ends, *torch.stack([reach, rings.long()]).tolist()):
         t = q_pos[:, a:e, None]  # [B, tb, 1]
-        lo = max(0, a - window)  # the band of chunk keys the block can read
-        tables = block_tables[:, : cdiv(n, block_size)]
-        ctx_k, ctx_v = (cast(c[tables].flatten(1, 2)[:, :n], q.dtype) for c in (k_cache, v_cache))
-        w = ring_k.shape[1] if ring else 0  # a ring no query of the block reads (a fresh row's) is left out
-        keys = torch.cat([ctx_k, ring_k[:, :w], k[:, lo:e]], 1).transpose(1, 2)  # [B, Hkv, n + w + e - lo, D]
-        vals = torch.cat([ctx_v, ring_v[:, :w], v[:, lo:e]], 1).transpose(1, 2)
+        lo, w = max(0, a - window), W if ring else 0  # a ring no query of the block reads (a fresh row's): left out
         mask = torch.cat([
-            torch.arange(n, device=q.device) < bnd_count[:, a:e, None],
+            torch.arange(n, device=q_pos.device) < bnd_count[:, a:e, None],
             t <= win_last[:, None, :w],
             (idx[lo:e] <= idx[a:e, None]) & (t <= k_last[:, None, lo:e]),
         ], -1)  # [B, tb, S]
-        seen = mask.any(-1, keepdim=True)  # a query with no key reads every one, then gives zeros
-        o = F.scaled_dot_product_attention(q[:, a:e].transpose(1, 2), keys, vals, attn_mask=(mask | ~seen)[:, None],
-                                           scale=scale, enable_gqa=gqa)
-        outs.append(o.transpose(1, 2) * seen[..., None])
+        seen = mask.any(-1, keepdim=True)
+        plan.append(QueryBlock(a, e, lo, n, w, (mask | ~seen)[:, None], seen[..., None]))
+    return plan
+
+
+def prefill_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_last: Tensor, k_cache: Tensor, v_cache: Tensor,
+    block_tables: Tensor, bnd_count: Tensor, win_k: Tensor, win_v: Tensor, slots: Tensor, win_last: Tensor,
+    window: int, scale: float, plan: list[QueryBlock] | None = None,
+) -> Tensor:
+    """`prefill_attention_ref` by blocks of queries, each over only the keys it can read (same arguments; plan:
+    `prefill_plan` of them, made here when not given)."""
+    if plan is None:
+        plan = prefill_plan(q_pos, k_last, bnd_count, win_last, window)
+    block_size = k_cache.shape[1]
+    gqa = k.shape[2] != q.shape[2]
+    ring_k, ring_v = _rings(win_k, slots, q.dtype), _rings(win_v, slots, q.dtype)
+    n = max(blk.entries for blk in plan)  # every block's entries gathered once, each block reads a prefix
+    tables = block_tables[:, : cdiv(n, block_size)]
+    ctx_k, ctx_v = (cast(c[tables].flatten(1, 2)[:, :n], q.dtype) for c in (k_cache, v_cache))
+    outs = []
+    for blk in plan:
+        keys = torch.cat([ctx_k[:, : blk.entries], ring_k[:, : blk.ring], k[:, blk.lo : blk.end]], 1)
+        vals = torch.cat([ctx_v[:, : blk.entries], ring_v[:, : blk.ring], v[:, blk.lo : blk.end]], 1)
+        o = F.scaled_dot_product_attention(q[:, blk.start : blk.end].transpose(1, 2), keys.transpose(1, 2),
+                                           vals.transpose(1, 2), attn_mask=blk.mask, scale=scale, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2) * blk.seen)
     return torch.cat(outs, 1)

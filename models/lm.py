@@ -177,7 +177,8 @@ class Attention(nn.Module):
         store_kv(flat_k, flat_v, cache.k_flat, cache.v_flat, meta.bnd_store[self.layer])
         o = prefill_attention(q, k, v, meta.positions, meta.key_last[self.layer], cache.k, cache.v, meta.block_tables,
                               meta.bnd_count[self.layer], cache.win_k, cache.win_v, meta.slots,
-                              meta.win_last[self.layer], self.spec.window, self.cfg.head_dim**-0.5)
+                              meta.win_last[self.layer], self.spec.window, self.cfg.head_dim**-0.5,
+                              meta.plan(self.layer, self.spec))
         if cache.win_k.shape[1]:
             store_kv(flat_k, flat_v, cache.win_k_flat, cache.win_v_flat, meta.win_store)
         return o
@@ -322,17 +323,17 @@ class LM(nn.Module):
     def prefill(self, input_ids: Tensor, meta: PrefillMetadata, caches: list[LayerCache],
                 states: list[LayerSSMState] | None, halves: BlockHalves | None = None,
                 ) -> tuple[Tensor, list[LayerSSMState] | None]:
-        """Prefill chunks input_ids [B, T] (right-padded) through the paged pools -> the hidden states
-        [B, T, d] and the SSM states after each row's last token (see extend)."""
+        """Prefill chunks input_ids [B, T] (right-padded) through the paged pools -> the final hidden state
+        of each row's last token [B, d] and the SSM states after it (see extend)."""
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
             return self.blocks[layer].attn.prefill(q, k, v, meta, caches[layer])
 
-        return self.extend(input_ids, meta.starts, states, meta.last, attend, halves=halves)
+        return self.extend(input_ids, meta.starts, states, meta.last, attend, halves=halves, keep=meta.last)
 
     def extend(
         self, input_ids: Tensor, start: int | Tensor, states: list[LayerSSMState] | None, last: Tensor | None,
-        attend: AttendFn, mamba: bool = False, halves: BlockHalves | None = None,
+        attend: AttendFn, mamba: bool = False, halves: BlockHalves | None = None, keep: Tensor | None = None,
     ) -> tuple[Tensor, list[LayerSSMState] | None]:
         """Run tokens at positions start..start+T-1 (right padding allowed): one start for every
         row (positions [T]), or one per row (start [B], positions [B, T]: prefill chunks of several
@@ -342,7 +343,9 @@ class LM(nn.Module):
         start at 0 ignore theirs). last: [B] index of each row's last real token; when given, the
         SSM states after it are returned. Returns the final hidden states [B, T, d] and the new
         SSM states. halves: what runs each Block.project and Block.finish (the compiled ones of
-        engine/compiled_prefill.py; they take the layer's offset as a tensor).
+        engine/compiled_prefill.py; they take the layer's offset as a tensor). keep: [B] the one token of
+        each row whose output is wanted; the last layer's second half then runs for those alone (as
+        llama.cpp's output ids), eagerly, and the hidden states returned are theirs, [B, d].
         """
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         pos = pos + (start[:, None] if isinstance(start, Tensor) else start)
@@ -355,7 +358,12 @@ class LM(nn.Module):
         for i, blk in enumerate(self.blocks):
             offset = halves.offsets[i] if halves else None  # None: the layer's own
             q, k, v, st = project(blk, x, pos, states[i] if states else None, last, mamba, offset, rope)
-            x = finish(blk, x, attend(i, q, k, v, pos))
+            o = attend(i, q, k, v, pos)
+            if keep is not None and i == len(self.blocks) - 1:
+                rows = torch.arange(len(keep), device=keep.device)
+                x = Block.finish(blk, x[rows, keep], o[rows, keep])
+            else:
+                x = finish(blk, x, o)
             new_states.append(st)
         return x, (new_states if self.config.has_ssm and last is not None else None)
 

@@ -10,12 +10,14 @@ ring's positions itself after a step (`record_ring`, from the metadata's `win_st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .kv_spec import CacheSpec
+from kernels.prefill_attention import QueryBlock, prefill_plan
+
+from .kv_spec import CacheSpec, KeySpec
 from .layers import rope_tables
 
 
@@ -140,6 +142,15 @@ class PrefillMetadata:
     key_last: Tensor  # [L, B, T] last position reading each chunk key as a window key (-1: none)
     win_last: Tensor  # [L, B, W] last position reading each ring entry (-1: none)
     win_store: Tensor  # [B * T] flat ring entry each token is written to (each row's newest W), -1 when none
+    plans: dict[KeySpec, list[QueryBlock]] = field(default_factory=dict, repr=False)  # made by plan()
+
+    def plan(self, layer: int, spec: KeySpec) -> list[QueryBlock]:
+        """The prefill attention's plan for layer `layer` (kernels/prefill_attention.py), made once for every
+        layer with its key rule `spec`: such layers' metadata are the same."""
+        if spec not in self.plans:
+            self.plans[spec] = prefill_plan(self.positions, self.key_last[layer], self.bnd_count[layer],
+                                            self.win_last[layer], spec.window)
+        return self.plans[spec]
 
 
 def build_prefill_metadata(

@@ -3,6 +3,7 @@ equals its naive `_ref` on ragged, padded rows; chunks prefilled through the poo
 steps, equal dense attention over whole sequences; building metadata changes nothing."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -118,3 +119,20 @@ def test_building_metadata_changes_nothing() -> None:
     win_pos = before.clone()
     build_prefill_metadata(spec, torch.tensor([5, 0]), torch.tensor([3, 6]), slots, tables, win_pos, 2, 6)
     assert torch.equal(win_pos, before)
+
+
+@pytest.mark.parametrize("kind", ["attamba", "transformer"])
+def test_layers_with_one_key_rule_share_a_prefill_plan(kind: str) -> None:
+    """PrefillMetadata.plan makes one plan for the layers whose KeySpec is the same: their rows of the metadata
+    are the same (so is the plan), and a plan is made once per KeySpec."""
+    spec = CacheSpec.from_config(dataclasses.replace(tiny(kind), n_layers=9))  # 9 layers, P 4: offsets repeat
+    win_pos = torch.arange(2 * spec.window_slots).view(2, -1)
+    meta = build_prefill_metadata(spec, torch.tensor([7, 0]), torch.tensor([5, 9]), torch.tensor([1, 0]),
+                                  torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]), win_pos, 2, 9)
+    for i, a in enumerate(spec.layers):
+        for j, b in enumerate(spec.layers[:i]):
+            if a == b:
+                for rows in (meta.bnd_count, meta.key_last, meta.win_last):
+                    assert torch.equal(rows[i], rows[j])
+        assert meta.plan(i, a) is meta.plan(next(j for j, b in enumerate(spec.layers) if b == a), a)
+    assert len(meta.plans) == len(set(spec.layers)) < len(spec.layers)
