@@ -10,11 +10,13 @@ int would be a constant of it). The paged attention between the halves stays eag
 boundary entries to gather on the host).
 
 Rows and tokens are dynamic sizes; dynamo gives a size of 1 its own graph, so a chunk of one row and one of
-several are two variants of each half (CompiledHalf), compiled ahead of time at start-up on zero inputs, saved and
-loaded at the next start (engine/saved_graphs.py: ~10-16 s to trace a variant here, ~0.1 s to load it). A call
+several are two variants of each half (CompiledHalf); a short chunk of one row (a chat's next turn after its cached
+prefix), whose bf16 products take their matrix-vector path (models/upcast.py), is a third (`variants`). Each is
+compiled ahead of time at start-up on zero inputs, saved and loaded at the next start (engine/saved_graphs.py: ~10-16 s to trace a variant here, ~0.1 s to load it). A call
 runs the variant whose guards its inputs pass (~25 us a check), or the half eagerly when none does. Block.project
 always gets SSM states (zero for a fresh row, which gives the same result), so a fresh chunk and one that
-continues a sequence share a graph. Tiny chunks run eagerly (`runs_compiled`).
+continues a sequence share a graph. A chunk of one token, and a short one of several rows, runs eagerly
+(`runs_compiled`).
 `--enforce-eager` turns it off; TORCH_COMPILE_DISABLE=1 runs the same calls eagerly (the test suite).
 """
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch
 
 from models.layers import rope_tables
 from models.lm import LM, Block, BlockHalves, LayerSSMState
-from models.upcast import NATIVE_ROWS
 
 from . import saved_graphs
 
@@ -44,6 +45,7 @@ INDUCTOR_OPTIONS = {"size_asserts": False, "scalar_asserts": False}
 # Near a prefill chunk's usual length (512), as Inductor sizes its parallel loops by the traced example: traced at
 # 37 tokens the SSMs' window building ran on one thread (1k prompt, separate processes: 417-437 vs 447-448 tok/s)
 WARM_UP_TOKENS = 509
+SHORT_TOKENS = 23  # the short variant's length: as WARM_UP_TOKENS, none of the model's sizes
 
 
 class CompiledHalf:
@@ -90,18 +92,25 @@ def compile_halves(model: LM) -> BlockHalves:
     return BlockHalves(CompiledHalf(Block.project, key), CompiledHalf(Block.finish, key), offsets)
 
 
+def variants(max_rows: int, matvec_rows: int) -> list[tuple[str, int, int]]:
+    """(name, rows, tokens) of the chunks each half is compiled for: one row and several (up to max_rows), and one
+    row of at most matvec_rows tokens where such products take another path (models/upcast.py `matvec_rows`)."""
+    out = [("rows1", 1, WARM_UP_TOKENS)] + ([("rows", 2, WARM_UP_TOKENS)] if max_rows > 1 else [])
+    return out + ([("short1", 1, SHORT_TOKENS)] if matvec_rows >= SHORT_TOKENS else [])
+
+
 @torch.no_grad()
-def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | None) -> tuple[float, bool]:
-    """Compile (or load) and run the graphs a chunk of `rows` rows runs, on zero inputs through layer 0 (state:
-    layer 0's SSM states of those rows, for a model with SSMs); returns the seconds it took and whether every
-    graph was loaded."""
+def warm_up(model: LM, halves: BlockHalves, variant: str, rows: int, tokens: int, state: LayerSSMState | None,
+            ) -> tuple[float, bool]:
+    """Compile (or load) and run the graphs of one of `variants`, on zero inputs through layer 0 (state: layer 0's
+    SSM states of those rows, for a model with SSMs); returns the seconds it took and whether they were loaded."""
     t0 = time.perf_counter()
     cfg, blk, device = model.config, model.blocks[0], model.embed.weight.device
-    x = torch.zeros(rows, WARM_UP_TOKENS, cfg.d_model, dtype=model.dtype, device=device)
-    pos = torch.arange(WARM_UP_TOKENS, device=device).repeat(rows, 1)  # [rows, T], contiguous as the engine's
-    last = torch.full((rows,), WARM_UP_TOKENS - 1, device=device)
+    x = torch.zeros(rows, tokens, cfg.d_model, dtype=model.dtype, device=device)
+    pos = torch.arange(tokens, device=device).repeat(rows, 1)  # [rows, T], contiguous as the engine's
+    last = torch.full((rows,), tokens - 1, device=device)
     rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)  # as LM.extend passes them
-    variant, loaded = "rows1" if rows == 1 else "rows", True
+    loaded = True
     args = (blk, x, pos, state, last, False, halves.offsets[0], rope)
     if isinstance(halves.project, CompiledHalf):
         loaded &= halves.project.add(args, variant)
@@ -113,8 +122,9 @@ def warm_up(model: LM, halves: BlockHalves, rows: int, state: LayerSSMState | No
     return time.perf_counter() - t0, loaded
 
 
-def runs_compiled(rows: int, tokens: int) -> bool:
-    """Whether a prefill chunk of rows x tokens runs the compiled halves. Not a chunk of one token (dynamo would
-    specialise the length to 1) nor one of at most NATIVE_ROWS tokens in all, where a bf16 linear takes its other
-    branch (models/upcast.py): either would compile another graph while serving. Such chunks cost little eagerly."""
-    return tokens > 1 and rows * tokens > NATIVE_ROWS
+def runs_compiled(rows: int, tokens: int, matvec_rows: int) -> bool:
+    """Whether a prefill chunk of rows x tokens runs the compiled halves (`variants` with the same matvec_rows).
+    Not a chunk of one token (dynamo would specialise the length to 1) nor one of several rows and at most
+    matvec_rows tokens in all, whose products take their other path: either would compile another graph while
+    serving. Such chunks cost little eagerly."""
+    return tokens > 1 and (rows * tokens > matvec_rows or rows == 1 and matvec_rows >= SHORT_TOKENS)

@@ -26,10 +26,11 @@ from kernels._triton import use_triton
 from models.lm import LM, BlockHalves, LayerSSMState
 from models.paged import DecodeMetadata, LayerCache, build_decode_metadata, build_prefill_metadata, record_ring
 from models.ssm import SSMState
+from models.upcast import matvec_rows
 
 from .cache_layout import CacheLayout
 from .compiled_decode import CompiledDecode
-from .compiled_prefill import compile_halves, runs_compiled, warm_up
+from .compiled_prefill import compile_halves, runs_compiled, variants, warm_up
 from .cuda_graphs import DecodeGraphs, sizes_up_to
 from .sequence import Sequence
 
@@ -58,6 +59,7 @@ class ModelRunner:
             self.conv = torch.zeros(L, 2, slots, cfg.conv_channels, cfg.conv_width - 1, **kv)
         self.graphs: DecodeGraphs | CompiledDecode | None = None  # captured (CUDA) or compiled (CPU) decode steps
         self.halves: BlockHalves | None = None  # the compiled prefill's layer halves (CPU)
+        self.matvec_rows = matvec_rows(model)  # which prefill chunks those run (engine/compiled_prefill.py)
         self.caches = [LayerCache(self.k_pool[l], self.v_pool[l], self.win_k[l], self.win_v[l],
                                   self.conv[l] if cfg.has_ssm else None, self.ssm[l] if cfg.has_ssm else None)
                        for l in range(L)]
@@ -134,7 +136,7 @@ class ModelRunner:
             self.spec, torch.tensor([seq.num_computed for seq, _ in work], device=dev),
             torch.tensor([n for _, n in work], device=dev), slots, self._tables([seq for seq, _ in work]),
             self.win_pos, self.block_size, T)
-        halves = self.halves if runs_compiled(len(work), T) else None
+        halves = self.halves if runs_compiled(len(work), T, self.matvec_rows) else None
         # the compiled halves always take states (zero for fresh rows, the same result): one graph, not two
         states = self._ssm_states(slots, torch.tensor(fresh, device=dev)) \
             if self.cfg.has_ssm and (halves or not all(fresh)) else None
@@ -197,14 +199,14 @@ class ModelRunner:
         eager when Inductor cannot build."""
         halves = compile_halves(self.model)
         try:
-            for rows in sorted({1, min(2, max_rows)}):
+            for variant, rows, tokens in variants(max_rows, self.matvec_rows):
                 slots = torch.zeros(rows, dtype=torch.long, device=self.device)
                 states = self._ssm_states(slots, torch.ones(rows, dtype=torch.bool, device=self.device)) \
                     if self.cfg.has_ssm else None
-                seconds, loaded = warm_up(self.model, halves, rows, states[0] if states else None)
+                seconds, loaded = warm_up(self.model, halves, variant, rows, tokens, states[0] if states else None)
                 if not torch._dynamo.config.disable:
-                    log.info("%s the prefill's layers for %s in %.1f s", "loaded" if loaded else "compiled",
-                             "1 row" if rows == 1 else "rows > 1", seconds)
+                    log.info("%s the prefill's layers for chunks of %d x %d tokens in %.1f s",
+                             "loaded" if loaded else "compiled", rows, tokens, seconds)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             log.warning("prefill runs eagerly: compiling it failed (%s)", str(e).splitlines()[0])
             return

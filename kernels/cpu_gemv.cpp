@@ -1,4 +1,4 @@
-// attamba::gemv: y = x W^T for a few fp32 rows x [M, K] and fp16 or bf16 weights W [N, K], fp32 out [M, N]
+// attamba::gemv: y = x W^T for fp32 rows x [M, K] (a decode batch) and fp16 or bf16 weights W [N, K], fp32 out [M, N]
 // (kernels/cpu_gemv.py says why and when). AVX2 + F16C + FMA; K a multiple of 16.
 #include <immintrin.h>
 
@@ -26,20 +26,39 @@ inline float hsum(__m256 s) {
   return _mm_cvtss_f32(h);
 }
 
-// One weight row after another (one stream a thread for the prefetcher: blocking 4 rows measured slower), two
-// FMA chains a row; each row is read from memory once and from L1 for the other rows of x.
+// G rows of x against one weight row: each 16 weights are converted once for the G rows, two FMA chains a row
+// (2G accumulators and 2 weight registers of AVX2's 16)
+template <bool BF16, int G>
+inline void dot_rows(const float* x, const uint16_t* row, float* y, int64_t K, int64_t N) {
+  __m256 a0[G], a1[G];
+  for (int g = 0; g < G; ++g) {
+    a0[g] = _mm256_setzero_ps();
+    a1[g] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m256 w0 = load8<BF16>(row + k), w1 = load8<BF16>(row + k + 8);
+    for (int g = 0; g < G; ++g) {
+      a0[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + g * K + k), a0[g]);
+      a1[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + g * K + k + 8), a1[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) y[g * N] = hsum(_mm256_add_ps(a0[g], a1[g]));
+}
+
+// One weight row after another (one stream a thread for the prefetcher: blocking 4 rows measured slower); each
+// row is read from memory once and from L1 for every further group of four rows of x. A row's sum is the same
+// whatever its group.
 template <bool BF16>
 void rows(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) {
-        a0 = _mm256_fmadd_ps(load8<BF16>(row + k), _mm256_loadu_ps(xr + k), a0);
-        a1 = _mm256_fmadd_ps(load8<BF16>(row + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
-      }
-      y[m * N + n] = hsum(_mm256_add_ps(a0, a1));
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot_rows<BF16, 4>(x + m * K, row, y + m * N + n, K, N);
+    switch (M - m) {
+      case 3: dot_rows<BF16, 3>(x + m * K, row, y + m * N + n, K, N); break;
+      case 2: dot_rows<BF16, 2>(x + m * K, row, y + m * N + n, K, N); break;
+      case 1: dot_rows<BF16, 1>(x + m * K, row, y + m * N + n, K, N); break;
+      default: break;
     }
   }
 }

@@ -4,7 +4,7 @@ There PyTorch's bf16 matrix-vector product is fast (it reads half the bytes of f
 bound by reading the weights), but its bf16 matrix-matrix product is emulated: about 11 ms per row of a
 batch for SmolLM2-135M's layers on the AVX2 machine of docs/cpu.md, so a 1k-token prefill ran at 74 tok/s
 against fp32's 350. `UpcastLinear` keeps its weight in bf16 (or fp16, below) and computes a product of more
-than NATIVE_ROWS rows in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native
+rows than `matvec_rows` in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native
 bf16 product does (fp32 accumulation, one rounding). Each chunk's fp32 copy stays within CHUNK_BYTES: the head's whole
 fp32 copy (113 MB) took ~4x longer than the product itself, fresh pages on every call.
 
@@ -15,8 +15,10 @@ faster than bf16's (one F16C conversion instead of bf16's shift; docs/cpu.md). A
 converts its few input rows to fp16 (exact within range), accumulates in fp32, rounds to fp16 and then to
 bf16. A weight with a value outside fp16's range stays bf16. The tied head and embedding share the fp16
 matrix; HalfEmbedding returns its rows as bf16 (exactly the bf16 values loaded).
-Where kernels/cpu_gemv.py's op builds, the matrix-vector products are its (25-45 % faster than PyTorch's here):
-the rows in fp32, fp32 accumulation, one rounding to bf16.
+Where kernels/cpu_gemv.py's op builds, the products of up to GEMV_ROWS rows (a decode batch) are its (a row
+25-45 % faster than PyTorch's here, and unlike PyTorch's it takes batches: 8 rows 3.4x faster than the fp32
+path): the rows in fp32, fp32 accumulation, one rounding to bf16. Without it only up to NATIVE_ROWS rows stay
+matrix-vector products.
 `F.linear` on the bf16 tensors is the slow, obviously correct twin.
 """
 from __future__ import annotations
@@ -34,16 +36,21 @@ HALF = torch.float16  # how the weights of HALF_LINEARS are held (module docstri
 # Inductor does not vectorise a fused kernel that mixes fp16 and bf16, and the decode attention's kernel (RoPE,
 # the cache writes, the SSM step, the softmax) then ran 3.7x slower.
 HALF_LINEARS = ("w1", "w3", "w2", "head")
-NATIVE_ROWS = 3  # products of up to this many rows stay matrix-vector products (the decode of small batches)
+NATIVE_ROWS = 3  # PyTorch's fp16/bf16 product stays a matrix-vector product up to this many rows (more: emulated)
+# kernels/cpu_gemv.py's op takes up to this many rows: every decode batch (max_num_seqs is 32); at 64 rows it still
+# beat the fp32 matrix-matrix product on the decode's shapes, at its FMA peak from ~128 (docs/cpu.md)
+GEMV_ROWS = 32
 CHUNK_BYTES = 8 << 20  # the fp32 copy of one chunk of weight rows: small enough to stay in the CPU's cache
 
 
+
+
 def upcast_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x W^T for bf16 x [..., K] and W [N, K] (fp16 or bf16): up to NATIVE_ROWS rows as a matrix-vector product
-    (kernels/cpu_gemv.py's where it is built, else F.linear in W's dtype), more in fp32 by chunks; bf16 out."""
+    """x W^T for bf16 x [..., K] and W [N, K] (fp16 or bf16): up to GEMV_ROWS rows by kernels/cpu_gemv.py's op
+    where it is built, else up to NATIVE_ROWS as F.linear in W's dtype; more in fp32 by chunks; bf16 out."""
+    if cpu_gemv.READY and cpu_gemv.supports(w) and x.numel() <= GEMV_ROWS * x.shape[-1]:
+        return cpu_gemv.gemv(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
     if x.numel() <= NATIVE_ROWS * x.shape[-1]:
-        if cpu_gemv.READY and cpu_gemv.supports(w):
-            return cpu_gemv.gemv(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
         return F.linear(x.to(w.dtype), w).to(x.dtype)
     xf = x.float()
     rows = max(1, CHUNK_BYTES // (4 * w.shape[1]))
@@ -71,6 +78,14 @@ class HalfEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight).to(self.dtype)
+
+
+def matvec_rows(model: nn.Module) -> int:
+    """The most rows the products of model's UpcastLinears keep in the weights' dtype (more run in fp32); 0 for a
+    model without any (its products take one path whatever the rows)."""
+    if not any(isinstance(m, UpcastLinear) for m in model.modules()):
+        return 0
+    return GEMV_ROWS if cpu_gemv.READY else NATIVE_ROWS
 
 
 def fits_half(w: Tensor) -> bool:

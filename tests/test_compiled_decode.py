@@ -12,7 +12,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine import saved_graphs
 from engine.compiled_decode import CompiledDecode
+from engine.compiled_prefill import runs_compiled
 from engine.cuda_graphs import sizes_up_to
+from models.upcast import GEMV_ROWS
 from conftest import ENGINE
 
 PROMPTS = ["the cat sat on the mat and", "a", "in the beginning there was the word and the word was with the cat"]
@@ -88,3 +90,24 @@ def test_a_layer_unlike_the_first_is_refused(tiny_ckpt, compile_on) -> None:
     norm.weight = torch.nn.Parameter(norm.weight.double())
     with pytest.raises(RuntimeError, match="layer 1 differs from layer 0"):
         CompiledDecode(r.model, r.caches, r._metadata([]), (1,))
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the kernel needs AVX2")
+def test_a_short_chunk_of_a_bf16_model_runs_its_own_variant(tiny_ckpt, compile_on) -> None:
+    """A bf16 model's products of up to GEMV_ROWS rows take kernels/cpu_gemv.py's path, so a short one-row prefill
+    chunk has a compiled variant of its own (short1); chunks of several rows that short run eagerly."""
+    kw = dict(cache_memory=4 << 20, dtype="bfloat16", max_model_len=64, max_num_seqs=1, enable_prefix_caching=False)
+    eager, compiled = LLM(tiny_ckpt, enforce_eager=True, **kw), LLM(tiny_ckpt, **kw)
+    runner = compiled.engine.runner
+    assert runner.matvec_rows == GEMV_ROWS  # upcast_linears loaded the kernel
+    assert set(runner.halves.project.loaded) == {"rows1", "short1"}  # one row at most
+    assert runs_compiled(1, 2, GEMV_ROWS) and not runs_compiled(2, 16, GEMV_ROWS) and runs_compiled(2, 17, GEMV_ROWS)
+    prompt = PROMPTS[2]  # one row of fewer than GEMV_ROWS tokens
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    want, got = (llm.generate([prompt], params)[0].outputs[0] for llm in (eager, compiled))
+    assert runner.halves.project.eager_calls == runner.halves.finish.eager_calls == 0
+    # bf16 (fused in one graph, rounded op by op eagerly): the same top candidates, log-probabilities close
+    top_want, top_got = dict(want.top_logprobs[0]), dict(got.top_logprobs[0])
+    assert set(top_got) == set(top_want)
+    for token, lp in top_want.items():
+        assert abs(top_got[token] - lp) < 0.05

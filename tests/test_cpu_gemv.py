@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import cpu_gemv
-from models.upcast import NATIVE_ROWS, UpcastLinear
+from models.upcast import GEMV_ROWS, NATIVE_ROWS, UpcastLinear, matvec_rows, upcast_linears
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                                 reason="the kernel needs AVX2")
@@ -18,7 +18,8 @@ def built() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n", [(1, 576, 1288), (2, 1536, 576), (3, 16, 5), (1, 64, 1)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1288), (2, 1536, 576), (3, 16, 5), (1, 64, 1), (4, 64, 9), (11, 576, 70),
+                                   (32, 48, 130)])  # groups of four rows and what is left
 def test_gemv_is_its_fp32_twin(dtype, m, k, n) -> None:
     g = torch.Generator().manual_seed(m * k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
@@ -43,14 +44,23 @@ def test_a_compiled_graph_calls_it() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_bf16_linear_uses_it_for_a_few_rows(dtype, monkeypatch) -> None:
+def test_a_bf16_linear_uses_it_for_a_decode_batch(dtype, monkeypatch) -> None:
     calls = []
     real = cpu_gemv.gemv
     monkeypatch.setattr(cpu_gemv, "gemv", lambda x, w: calls.append(len(x)) or real(x, w))
     g = torch.Generator().manual_seed(0)
     lin = UpcastLinear(torch.nn.Parameter(torch.randn(48, 32, generator=g).to(dtype), requires_grad=False))
-    for rows in (1, NATIVE_ROWS, NATIVE_ROWS + 1):  # the last: the fp32 matrix-matrix path
+    for rows in (1, NATIVE_ROWS + 1, GEMV_ROWS, GEMV_ROWS + 1):  # the last: the fp32 matrix-matrix path
         x = torch.randn(rows, 32, generator=g).to(torch.bfloat16)
         want = cpu_gemv.gemv_ref(x.float(), lin.weight)  # fp32 accumulation, one rounding to bf16
         torch.testing.assert_close(lin(x).float(), want, rtol=1e-2, atol=1e-2)
-    assert calls == [1, NATIVE_ROWS]
+    assert calls == [1, NATIVE_ROWS + 1, GEMV_ROWS]
+
+
+def test_matvec_rows_follows_the_model_and_the_kernel(monkeypatch) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16, bias=False))
+    assert matvec_rows(model) == 0  # fp32: no UpcastLinear, one path whatever the rows
+    upcast_linears(model.to(torch.bfloat16))
+    assert matvec_rows(model) == GEMV_ROWS
+    monkeypatch.setattr(cpu_gemv, "READY", False)  # where the op did not build: PyTorch's products
+    assert matvec_rows(model) == NATIVE_ROWS
