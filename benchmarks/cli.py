@@ -1,4 +1,4 @@
-"""`attamba bench {model,engine,kernels,cpu,smollm2,prefix}`: print JSON and write it (and a plot) to --out (default
+"""`attamba bench {model,engine,kernels,cpu,gemv,smollm2,prefix}`: print JSON and write it (and a plot) to --out (default
 bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from .cpu_bench import configure as configure_cpu
 
     configure_cpu(c, _ints)
+    v = sub.add_parser("gemv", help="CPU: the decode's bf16/fp16 products by our kernel and by the fp32 path")
+    from .gemv_bench import configure as configure_gemv
+
+    configure_gemv(v, _ints)
     s = sub.add_parser("smollm2", help="SmolLM2-135M: this engine vs HF transformers and llama.cpp (Q4_1, F16)")
     from .smollm2_bench import configure as configure_smollm2
 
@@ -81,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         from .cpu_bench import run as run_cpu
 
         return run_cpu(args)
+    if args.suite == "gemv":
+        from .gemv_bench import run as run_gemv
+
+        return run_gemv(args)
     if args.suite == "smollm2":
         from .smollm2_bench import run as run_smollm2
 

@@ -2,6 +2,8 @@
 and the bf16 linears (models/upcast.py) that use it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,12 @@ def test_matvec_rows_follows_the_model_and_the_kernel(monkeypatch) -> None:
     assert matvec_rows(model) == GEMV_ROWS
     monkeypatch.setattr(cpu_gemv, "READY", False)  # where the op did not build: PyTorch's products
     assert matvec_rows(model) == NATIVE_ROWS
+
+
+def test_bench_gemv_writes_both_paths_for_every_batch(tmp_path) -> None:
+    from entrypoints.cli import main
+
+    assert main(["bench", "gemv", "--rows", "1,5", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench-gemv.json").read_text())["results"]
+    assert [r["rows"] for r in rows] == [1, 5]
+    assert all(r[f"{part}_{path}_ms"] > 0 for r in rows for part in ("layer", "head") for path in ("kernel", "fp32"))
