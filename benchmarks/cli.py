@@ -1,5 +1,5 @@
-"""`attamba bench {model,engine,kernels,cpu,gemv,smollm2,prefix}`: print JSON and write it (and a plot) to --out (default
-bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
+"""`attamba bench {model,engine,kernels,cpu,gemv,smollm2,prefix}`: print JSON and write it (and a plot) to --out
+(default bench-results/; the tracked results in docs/ are refreshed only with an explicit `--out docs`)."""
 from __future__ import annotations
 
 import argparse

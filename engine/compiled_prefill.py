@@ -10,12 +10,13 @@ int would be a constant of it). The paged attention between the halves stays eag
 boundary entries to gather on the host).
 
 Rows and tokens are dynamic sizes; dynamo gives a size of 1 its own graph, so a chunk of one row and one of
-several are two variants of each half (CompiledHalf); a short chunk of one row (a chat's next turn after its cached
-prefix), whose bf16 products take their matrix-vector path (models/upcast.py), is a third (`variants`). Each is
-compiled ahead of time at start-up on zero inputs, saved and loaded at the next start (engine/saved_graphs.py: ~10-16 s to trace a variant here, ~0.1 s to load it). A call
-runs the variant whose guards its inputs pass (~25 us a check), or the half eagerly when none does. Block.project
-always gets SSM states (zero for a fresh row, which gives the same result), so a fresh chunk and one that
-continues a sequence share a graph. A chunk of one token, and a short one of several rows, runs eagerly
+several are two variants of each half (CompiledHalf); a short chunk of one row (a chat's next turn after its
+cached prefix), whose bf16 products take their matrix-vector path (models/upcast.py), is a third (`variants`).
+Each is compiled ahead of time at start-up on zero inputs, saved and loaded at the next start
+(engine/saved_graphs.py: ~10-16 s to trace a variant here, ~0.1 s to load it). A call runs the variant whose
+guards its inputs pass (~25 us a check), or the half eagerly when none does. Block.project always gets SSM states
+(zero for a fresh row, which gives the same result), so a fresh chunk and one that continues a sequence share a
+graph. A chunk of one token, and a short one of several rows, runs eagerly
 (`runs_compiled`).
 `--enforce-eager` turns it off; TORCH_COMPILE_DISABLE=1 runs the same calls eagerly (the test suite).
 """

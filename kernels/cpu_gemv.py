@@ -4,10 +4,11 @@ Decode on a CPU is bound by reading the weights. PyTorch's own product for fp16/
 three (`F.linear`) reads them at ~16-18 GB/s on the two cores of the AVX2 machine of docs/cpu.md, ~10 GB/s a
 core, where summing them reads ~28: it is compute-bound. `gemv` (kernels/cpu_gemv.cpp) converts sixteen weights
 at a time in registers (F16C for fp16, a shift for bf16) and uses them for up to four rows of x, two FMA chains a
-row, walking one weight row after another: 21-30 GB/s on the decode's shapes against F.linear's 14-19, a batch-1
-decode ~20 % faster (docs/cpu.md, stop 36). PyTorch has no fast path for more rows (its product of four is
-emulated), where this one takes a decode batch: at 8 rows one layer's products took 0.50 ms against 1.69 in fp32,
-at 64 rows 5.6 against 6.4 (stop 37). It takes fp32 rows and returns fp32, so the kernels around it see no fp16.
+row, walking the weight rows in L1-sized blocks: 21-30 GB/s on the decode's shapes against F.linear's 14-19, a
+batch-1 decode ~20 % faster (docs/cpu.md, stop 36). PyTorch has no fast path for more rows (its product of four is
+emulated), where this one takes a decode batch: one layer's products at 8 rows 0.46 ms against 3.24 by the fp32
+path, at 64 rows 3.6 against 6.8 (`attamba bench gemv`, docs/cpu.md stop 37). It takes fp32 rows and returns
+fp32, so the kernels around it see no fp16.
 
 The C++ op is built on first use with torch.utils.cpp_extension (g++, which Inductor needs anyway, and ninja)
 and registered as `attamba::gemv`, so a compiled graph calls it as an extern kernel. `load()` builds it (once
