@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,20 +14,12 @@ from torch import Tensor
 from kernels import cpu_gemv
 from models.upcast import CHUNK_BYTES
 
+from .model_bench import timed
+
 D, FFN, VOCAB = 576, 1536, 49152
 # (out, in, dtype) of one student layer's products as models/upcast.py holds them
 LAYER = [(1288, D, torch.bfloat16), (D, D, torch.bfloat16), (FFN, D, torch.float16), (FFN, D, torch.float16),
          (D, FFN, torch.float16)]
-
-
-def _ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _fp32(x: Tensor, w: Tensor) -> Tensor:
@@ -49,8 +38,8 @@ def bench_gemv(rows: list[int], repeat: int) -> dict:
         xh = torch.randn(m, D, generator=g)
         row = {"rows": m}
         for name, product in (("kernel", cpu_gemv.gemv), ("fp32", _fp32)):
-            row[f"layer_{name}_ms"] = _ms(lambda: [product(x, w) for x, w in zip(xs, layer)], repeat)
-            row[f"head_{name}_ms"] = _ms(lambda: product(xh, head), max(3, repeat // 3))
+            row[f"layer_{name}_ms"] = 1e3 * timed(lambda: [product(x, w) for x, w in zip(xs, layer)], repeat)
+            row[f"head_{name}_ms"] = 1e3 * timed(lambda: product(xh, head), max(3, repeat // 3))
         out.append(row)
     return {"threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(), "results": out}
 

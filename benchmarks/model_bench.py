@@ -14,7 +14,7 @@ def paper_config(kind: str, vocab_size: int = 8192, **kw) -> ModelConfig:
     return ModelConfig(kind=kind, vocab_size=vocab_size, max_seq_len=1024, **kw)
 
 
-def _timed(fn, repeat: int) -> float:
+def timed(fn, repeat: int) -> float:
     """Median wall time of fn() over `repeat` runs, after one warm-up."""
     fn()
     times = []
@@ -43,7 +43,7 @@ def bench_model(lengths: list[int], kinds: list[str], steps: int = 16, repeat: i
         model = build_model(cfg, seed=0).eval()
         for T in lengths:
             ids = torch.randint(0, cfg.vocab_size, (1, T + steps))
-            fwd = _timed(lambda: model(ids[:, :T]), repeat)
+            fwd = timed(lambda: model(ids[:, :T]), repeat)
 
             step_s = _step_latency(model, ids, T, steps)
             rows.append({
