@@ -34,8 +34,8 @@ _tried = False
 
 
 def supports(w: Tensor) -> bool:
-    """Whether gemv takes this weight: fp16 or bf16 on the CPU, K a multiple of BLOCK_K."""
-    return w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) and w.shape[-1] % BLOCK_K == 0
+    """Whether gemv is loaded and takes this weight: fp16 or bf16 on the CPU, K a multiple of BLOCK_K."""
+    return READY and w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) and w.shape[-1] % BLOCK_K == 0
 
 
 def load() -> bool:

@@ -4,7 +4,7 @@ There PyTorch's bf16 matrix-vector product is fast (it reads half the bytes of f
 bound by reading the weights), but its bf16 matrix-matrix product is emulated: about 11 ms per row of a
 batch for SmolLM2-135M's layers on the AVX2 machine of docs/cpu.md, so a 1k-token prefill ran at 74 tok/s
 against fp32's 350. `UpcastLinear` keeps its weight in bf16 (or fp16, below) and computes a product of more
-rows than `matvec_rows` in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native
+rows than `row_limit` in fp32, a chunk of weight rows at a time, then rounds the result to bf16 as a native
 bf16 product does (fp32 accumulation, one rounding). Each chunk's fp32 copy stays within CHUNK_BYTES: the head's whole
 fp32 copy (113 MB) took ~4x longer than the product itself, fresh pages on every call.
 
@@ -43,14 +43,18 @@ GEMV_ROWS = 32
 CHUNK_BYTES = 8 << 20  # the fp32 copy of one chunk of weight rows: small enough to stay in the CPU's cache
 
 
+def row_limit(w: Tensor) -> int:
+    """The most rows a product with w keeps in w's dtype: GEMV_ROWS where kernels/cpu_gemv.py's op takes w, else
+    NATIVE_ROWS (PyTorch's product); more rows run in fp32."""
+    return GEMV_ROWS if cpu_gemv.supports(w) else NATIVE_ROWS
 
 
 def upcast_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x W^T for bf16 x [..., K] and W [N, K] (fp16 or bf16): up to GEMV_ROWS rows by kernels/cpu_gemv.py's op
-    where it is built, else up to NATIVE_ROWS as F.linear in W's dtype; more in fp32 by chunks; bf16 out."""
-    if cpu_gemv.READY and cpu_gemv.supports(w) and x.numel() <= GEMV_ROWS * x.shape[-1]:
-        return cpu_gemv.gemv(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
-    if x.numel() <= NATIVE_ROWS * x.shape[-1]:
+    """x W^T for bf16 x [..., K] and W [N, K] (fp16 or bf16): up to `row_limit(W)` rows in W's dtype (by
+    kernels/cpu_gemv.py's op where it takes W, else F.linear), more in fp32 by chunks; bf16 out."""
+    if x.numel() <= row_limit(w) * x.shape[-1]:
+        if cpu_gemv.supports(w):
+            return cpu_gemv.gemv(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
         return F.linear(x.to(w.dtype), w).to(x.dtype)
     xf = x.float()
     rows = max(1, CHUNK_BYTES // (4 * w.shape[1]))
@@ -81,11 +85,9 @@ class HalfEmbedding(nn.Module):
 
 
 def matvec_rows(model: nn.Module) -> int:
-    """The most rows the products of model's UpcastLinears keep in the weights' dtype (more run in fp32); 0 for a
-    model without any (its products take one path whatever the rows)."""
-    if not any(isinstance(m, UpcastLinear) for m in model.modules()):
-        return 0
-    return GEMV_ROWS if cpu_gemv.READY else NATIVE_ROWS
+    """The most rows the products of model's UpcastLinears keep in the weights' dtype (`row_limit`; more run in
+    fp32); 0 for a model without any (its products take one path whatever the rows)."""
+    return max((row_limit(m.weight) for m in model.modules() if isinstance(m, UpcastLinear)), default=0)
 
 
 def fits_half(w: Tensor) -> bool:
